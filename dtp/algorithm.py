@@ -1,0 +1,161 @@
+"""The DTP algorithm (DESIGN.md §3–4): L-DRL feedback loss, target propagation and the forward loss.
+
+This is the only place the math lives; the sequential and the parallel trainers both call it.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import AbstractContextManager, nullcontext
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dtp.models import FeedbackBlock, ForwardBlock, Indices, parametric_layers
+
+Autocast = Callable[[], AbstractContextManager]
+
+
+def derive_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from integer keys, e.g. (run seed, block index, step)."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+FEEDBACK_NOISE_STREAM = 1
+
+
+def noise_generator(seed: int, block: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator block `block` draws its feedback noise from at training step `step`.
+
+    It depends on nothing but (run seed, block, step), so the order in which blocks are trained, the
+    rank that trains them and whether the run was resumed never change the noise (DESIGN.md §6).
+    """
+    gen = torch.Generator(device=device)
+    gen.manual_seed(derive_seed(seed, FEEDBACK_NOISE_STREAM, block, step))
+    return gen
+
+
+def _sum_per_sample(t: Tensor) -> Tensor:
+    return t.flatten(2).sum(-1)
+
+
+def feedback_loss(
+    forward_block: ForwardBlock,
+    feedback_block: FeedbackBlock,
+    x: Tensor,
+    y: Tensor,
+    indices: Indices,
+    dx: Tensor,
+    dy: Tensor,
+) -> Tensor:
+    """L-DRL for one block with given noise dx (K×B×x-shape) and dy (K×B×y-shape), mean over K and batch.
+
+    y = F(x) and its pooling indices are known from the forward pass and are not recomputed. The three
+    feedback passes (r, G(F(x+dx)), G(y+dy)) run as one batched call so one backward covers them.
+    """
+    k, b = dx.shape[0], x.shape[0]
+    with torch.no_grad():
+        y_noisy, idx_noisy = forward_block((x.unsqueeze(0) + dx).flatten(0, 1))
+    g_in = torch.cat([y, y_noisy, (y.unsqueeze(0) + dy).flatten(0, 1)])
+    g_idx = [torch.cat([i, i_n, i.repeat(k, *([1] * (i.dim() - 1)))]) for i, i_n in zip(indices, idx_noisy)]
+    out = feedback_block(g_in, g_idx)
+    r = out[:b]
+    dr = out[b : b + k * b].unflatten(0, (k, b)) - r
+    dr_y = out[b + k * b :].unflatten(0, (k, b)) - r
+    loss = -2.0 * _sum_per_sample(dx * dr) + _sum_per_sample(dr_y.square())
+    return loss.mean()
+
+
+def train_feedback_block(
+    forward_block: ForwardBlock,
+    feedback_block: FeedbackBlock,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    iterations: int,
+    sigma: float,
+    samples: int,
+    generator: torch.Generator,
+    autocast: Autocast = nullcontext,
+) -> Tensor:
+    """k_i SGD steps on L_i for one block; returns the mean loss over the iterations (a tensor: no host sync)."""
+    x = x.detach()
+    with torch.no_grad(), autocast():
+        y, indices = forward_block(x)
+    total = torch.zeros((), device=x.device)
+    for _ in range(iterations):
+        dx = sigma * torch.randn((samples, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
+        dy = sigma * torch.randn((samples, *y.shape), generator=generator, device=y.device, dtype=y.dtype)
+        with autocast():
+            loss = feedback_loss(forward_block, feedback_block, x, y, indices, dx, dy)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach().float()
+    return total / iterations
+
+
+def forward_pass(forward_blocks: list[ForwardBlock], x: Tensor) -> tuple[list[Tensor], list[Indices]]:
+    """h_0..h_N, each block fed a detached input so no gradient crosses a block boundary."""
+    outputs, indices = [], []
+    h = x
+    for block in forward_blocks:
+        h, idx = block(h.detach())
+        outputs.append(h)
+        indices.append(idx)
+    return outputs, indices
+
+
+def output_target(logits: Tensor, labels: Tensor, beta: float) -> Tensor:
+    """t_N = h_N − β ∂CE_sum/∂h_N; the gradient of the summed cross-entropy is softmax − one-hot."""
+    grad = torch.softmax(logits.float(), dim=1) - F.one_hot(labels, logits.shape[1]).float()
+    return (logits.float() - beta * grad).to(logits.dtype)
+
+
+@torch.no_grad()
+def propagate_targets(
+    feedback_blocks: list[FeedbackBlock],
+    outputs: list[Tensor],
+    indices: list[Indices],
+    labels: Tensor,
+    beta: float,
+    variant: str = "dtp",
+) -> list[Tensor]:
+    """Targets t_0..t_N. DTP: t_{i−1} = h_{i−1} + G_i(t_i) − G_i(h_i); TP: t_{i−1} = G_i(t_i).
+
+    G_i unpools with the indices of the forward pass that produced h_i.
+    """
+    n = len(outputs) - 1
+    targets: list[Tensor] = [None] * (n + 1)  # type: ignore[list-item]
+    targets[n] = output_target(outputs[n].detach(), labels, beta)
+    for i in range(n, 0, -1):
+        t, h = targets[i], outputs[i].detach()
+        if variant == "dtp":
+            both = feedback_blocks[i](torch.cat([t, h]), [torch.cat([j, j]) for j in indices[i]])
+            g_t, g_h = both.chunk(2)
+            targets[i - 1] = outputs[i - 1].detach() + g_t - g_h
+        else:
+            targets[i - 1] = feedback_blocks[i](t, indices[i])
+    return targets
+
+
+def forward_losses(outputs: list[Tensor], targets: list[Tensor]) -> list[Tensor]:
+    """Per-block 0.5 · mean over batch of Σ (h_i − t_i)²; their sum is L_F."""
+    return [0.5 * (h - t).flatten(1).square().sum(1).mean() for h, t in zip(outputs, targets)]
+
+
+@torch.no_grad()
+def weight_alignment(forward_block: ForwardBlock, feedback_block: FeedbackBlock) -> tuple[float, float]:
+    """Angle (degrees) and relative distance ||W − Bᵀ|| / ||W|| between forward and feedback weights.
+
+    A ConvTranspose2d weight already has its Conv2d twin's layout; a Linear feedback weight is transposed.
+    """
+    f_layers = parametric_layers(forward_block)
+    g_layers = list(reversed(parametric_layers(feedback_block)))
+    w = torch.cat([m.weight.flatten() for m in f_layers])
+    b = torch.cat([(m.weight.t() if isinstance(m, torch.nn.Linear) else m.weight).flatten() for m in g_layers])
+    cos = torch.dot(w, b) / (w.norm() * b.norm()).clamp_min(1e-12)
+    angle = math.degrees(math.acos(float(cos.clamp(-1.0, 1.0))))
+    distance = float((w - b).norm() / w.norm().clamp_min(1e-12))
+    return angle, distance

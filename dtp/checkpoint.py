@@ -1,0 +1,60 @@
+"""Atomic checkpoints: a crash or a kill mid-write never destroys the previous checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtp.errors import UserError
+
+CHECKPOINT = "checkpoint.pt"
+SUMMARY = "summary.json"
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(out_dir: str | Path, state: dict[str, Any]) -> Path:
+    path = Path(out_dir) / CHECKPOINT
+    _atomic_write(path, lambda f: torch.save(state, f))
+    return path
+
+
+def save_summary(out_dir: str | Path, summary: dict[str, Any]) -> Path:
+    path = Path(out_dir) / SUMMARY
+    _atomic_write(path, lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+    return path
+
+
+def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
+    """Load DIR/checkpoint.pt (or a checkpoint file given directly) onto the CPU."""
+    path = Path(run_dir)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise UserError(f"--resume: no checkpoint at '{path}'; pass the --out directory of an earlier run")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file: say which, not a pickle traceback
+        raise UserError(f"--resume: '{path}' is not a readable checkpoint ({exc})") from None
+    missing = {"forward", "feedback", "step", "epoch", "config"} - set(state)
+    if missing:
+        raise UserError(f"--resume: '{path}' lacks {sorted(missing)}; it was not written by this project")
+    return state

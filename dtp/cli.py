@@ -1,0 +1,79 @@
+"""Command-line flags shared by train_sequential.py and train_parallel.py, and the wiring they share."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from dtp import config as config_lib
+from dtp.checkpoint import load_checkpoint
+from dtp.data import DATASETS, DatasetSplits, load_dataset
+from dtp.errors import UserError
+from dtp.models import DTPNetwork
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", help="YAML config (default: configs/<dataset>_<algorithm>.yaml or configs/<dataset>.yaml)")
+    p.add_argument("--dataset", choices=DATASETS)
+    p.add_argument("--data-dir", help="dataset folder (cifar10, imagenet32) or .npz file (npz)")
+    p.add_argument("--download", action="store_true", default=None, help="download CIFAR-10 into --data-dir")
+    p.add_argument("--algorithm", choices=config_lib.ALGORITHMS)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--mixed-precision", choices=config_lib.MIXED_PRECISION)
+    p.add_argument("--out", help="run directory for TensorBoard events, checkpoint.pt, summary.json")
+    p.add_argument("--max-steps", type=int, help="stop after this many training steps in total")
+    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its checkpoint.pt)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, value parsed as YAML, e.g. --set feedback.iterations=[25,35,40,60,25]")
+    return p
+
+
+@dataclass
+class Run:
+    cfg: dict[str, Any]
+    out_dir: Path
+    max_steps: int | None
+    resume_state: dict[str, Any] | None
+
+
+def resolve_run(args: argparse.Namespace) -> Run:
+    """The resolved config and run options; a resumed run starts from the checkpoint's own config."""
+    resume_state = load_checkpoint(args.resume) if args.resume else None
+    overrides = {
+        "dataset": args.dataset, "data_dir": args.data_dir, "download": args.download,
+        "algorithm": args.algorithm, "epochs": args.epochs, "batch_size": args.batch_size,
+        "seed": args.seed, "mixed_precision": args.mixed_precision,
+    }
+    base = resume_state["config"] if resume_state else None
+    cfg = config_lib.resolve(args.config, overrides, args.sets, base=base)
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise UserError(f"--max-steps must be positive, got {args.max_steps}")
+    out = args.out or args.resume or f"runs/{cfg['dataset']}-{cfg['algorithm']}"
+    return Run(cfg, Path(out), args.max_steps, resume_state)
+
+
+def build_network(cfg: dict[str, Any], data: DatasetSplits) -> DTPNetwork:
+    """The network for this data, with per-block lists checked against its number of feedback blocks."""
+    network = DTPNetwork(cfg["model"], data.input_shape, data.num_classes, cfg["seed"])
+    if cfg["algorithm"] != "bp":
+        config_lib.check_block_lists(cfg, network.n_feedback)
+    return network
+
+
+def load_data(cfg: dict[str, Any]) -> DatasetSplits:
+    return load_dataset(cfg["dataset"], cfg["data_dir"], download=bool(cfg["download"]), seed=cfg["seed"])
+
+
+def exit_on_user_error(main: Callable[[], None], show: bool = True) -> None:
+    """Run main; a UserError ends the process with its message and exit code 2, not a traceback."""
+    try:
+        main()
+    except UserError as exc:
+        if show:
+            print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,198 @@
+"""The run configuration: plain nested dicts, loaded from YAML and overridden from the command line.
+
+DEFAULTS is the CIFAR-10 DTP reference (DESIGN.md §5) and also the schema: a key that is not in it
+is rejected, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dtp.errors import ConfigError
+
+DEFAULTS: dict[str, Any] = {
+    "dataset": "cifar10",
+    "data_dir": None,
+    "download": False,
+    "algorithm": "dtp",
+    "seed": 0,
+    "epochs": 90,
+    "batch_size": 128,
+    "eval_batch_size": 500,
+    "mixed_precision": "no",
+    "model": {
+        "arch": "simple_vgg",
+        "channels": [128, 128, 256, 256, 512],
+        "activation": "elu",
+    },
+    "feedback": {
+        "iterations": [20, 30, 35, 55, 20],
+        "noise": [0.4, 0.4, 0.2, 0.2, 0.08],
+        "lr": [1e-4, 3.5e-4, 8e-3, 8e-3, 0.18],
+        "momentum": 0.9,
+        "samples": 1,
+    },
+    "forward": {
+        "lr": 0.08,
+        "momentum": 0.9,
+        "weight_decay": 1e-4,
+        "beta": 0.7,
+        "t_max": 85,
+        "eta_min": 1e-5,
+    },
+    "log": {
+        "every": 10,
+        "angles_every": 50,
+    },
+}
+
+PER_BLOCK_KEYS = ("iterations", "noise", "lr")
+ALGORITHMS = ("dtp", "tp", "bp")
+ARCHS = ("simple_vgg", "lenet")
+ACTIVATIONS = ("elu", "relu")
+MIXED_PRECISION = ("no", "bf16")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _suggest(key: str, choices: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    if close:
+        return f" (did you mean '{where}{close[0]}'?)"
+    return f"; valid keys here: {', '.join(where + c for c in choices)}"
+
+
+def merge(base: dict[str, Any], override: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Return base updated with override, rejecting keys that base (the schema) does not have."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        path = f"{where}{key}"
+        if key not in base:
+            raise ConfigError(f"unknown config key '{path}'{_suggest(key, list(base), where)}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{path}' is a section; give it a mapping, not {value!r}")
+            merged[key] = merge(base[key], value, f"{path}.")
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; see configs/ for the shipped ones")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def parse_set(assignment: str) -> dict[str, Any]:
+    """Turn 'feedback.lr=[0.1,0.2]' into {'feedback': {'lr': [0.1, 0.2]}} (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects key=value, got '{assignment}'")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value '{raw}' is not valid YAML: {exc}") from None
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def default_config_path(dataset: str, algorithm: str) -> Path | None:
+    """The shipped config for a dataset when --config is not given, e.g. configs/imagenet32_dtp.yaml."""
+    for name in (f"{dataset}_{algorithm}.yaml", f"{dataset}.yaml"):
+        if (CONFIG_DIR / name).is_file():
+            return CONFIG_DIR / name
+    return None
+
+
+def _check_choice(cfg: dict[str, Any], key: str, choices: tuple[str, ...]) -> None:
+    node, parts = cfg, key.split(".")
+    for part in parts[:-1]:
+        node = node[part]
+    if node[parts[-1]] not in choices:
+        raise ConfigError(f"{key} is {node[parts[-1]]!r}; choose one of {', '.join(choices)}")
+
+
+def _check_positive(value: Any, name: str, integer: bool) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
+        kind = "a positive integer" if integer else "a positive number"
+        raise ConfigError(f"{name} must be {kind}, got {value!r}")
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Check value types and ranges that do not depend on the network."""
+    _check_choice(cfg, "algorithm", ALGORITHMS)
+    _check_choice(cfg, "model.arch", ARCHS)
+    _check_choice(cfg, "model.activation", ACTIVATIONS)
+    _check_choice(cfg, "mixed_precision", MIXED_PRECISION)
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        _check_positive(cfg[key], key, integer=True)
+    _check_positive(cfg["feedback"]["samples"], "feedback.samples", integer=True)
+    for key in ("every", "angles_every"):
+        _check_positive(cfg["log"][key], f"log.{key}", integer=True)
+    _check_positive(cfg["forward"]["lr"], "forward.lr", integer=False)
+    channels = cfg["model"]["channels"]
+    if not isinstance(channels, list) or not channels:
+        raise ConfigError(f"model.channels must be a non-empty list of integers, got {channels!r}")
+    for c in channels:
+        _check_positive(c, "every entry of model.channels", integer=True)
+    for key in PER_BLOCK_KEYS:
+        values = cfg["feedback"][key]
+        if not isinstance(values, list):
+            raise ConfigError(f"feedback.{key} must be a list with one value per feedback block, got {values!r}")
+        for v in values:
+            _check_positive(v, f"every entry of feedback.{key}", integer=key == "iterations")
+
+
+def check_block_lists(cfg: dict[str, Any], n_blocks: int) -> None:
+    """Per-block lists must match the network exactly: no silent truncation or repetition."""
+    for key in PER_BLOCK_KEYS:
+        values = cfg["feedback"][key]
+        if len(values) != n_blocks:
+            raise ConfigError(
+                f"feedback.{key} has {len(values)} entries but the network has {n_blocks} trainable "
+                f"feedback blocks (blocks 1..{n_blocks}); give exactly one value per block in forward order, "
+                f"e.g. --set feedback.{key}=[...]"
+            )
+
+
+def resolve(
+    config_path: str | None,
+    overrides: dict[str, Any],
+    sets: list[str],
+    base: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build the run config: base (defaults or a resumed run's config) <- YAML file <- flags <- --set."""
+    cfg = copy.deepcopy(base) if base is not None else copy.deepcopy(DEFAULTS)
+    if config_path is None and base is None:
+        dataset = overrides.get("dataset") or cfg["dataset"]
+        algorithm = overrides.get("algorithm") or cfg["algorithm"]
+        found = default_config_path(dataset, algorithm)
+        config_path = str(found) if found else None
+    if config_path is not None:
+        cfg = merge(cfg, load_yaml(config_path))
+    cfg = merge(cfg, {k: v for k, v in overrides.items() if v is not None})
+    for assignment in sets:
+        cfg = merge(cfg, parse_set(assignment))
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: dict[str, Any]) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

@@ -1,0 +1,30 @@
+"""Running averages and accuracy, in the style of pytorch/examples imagenet."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class AverageMeter:
+    """Sample-weighted running mean of a scalar."""
+
+    def __init__(self) -> None:
+        self.sum = 0.0
+        self.count = 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.sum += value * n
+        self.count += n
+
+    @property
+    def avg(self) -> float:
+        return self.sum / max(self.count, 1)
+
+
+@torch.no_grad()
+def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[Tensor]:
+    """Number of samples whose label is among the k highest logits, for each k (clipped to n_classes)."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hits = top.eq(labels.unsqueeze(1))
+    return [hits[:, : min(k, kmax)].any(dim=1).sum() for k in ks]

@@ -1,0 +1,317 @@
+"""Layer-parallel feedback training under torchrun (DESIGN.md §6): placement and communication only.
+
+Rank 0 (the leader) runs the ordinary training loop with a DistributedFeedback as its feedback phase.
+Every other rank runs `run_worker`: per step it receives the forward weights and input activations of
+the blocks it owns, trains them with the same `train_blocks` the sequential trainer uses, and sends the
+feedback weights and momentum buffers back point-to-point as flat tensors. The leader therefore always
+holds the complete state, so checkpoints, resume and a change of world size need nothing extra.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.utils.tensorboard import SummaryWriter
+
+from dtp.errors import UserError
+from dtp.models import DTPNetwork
+from dtp.trainer import Runtime, train_blocks
+
+CMD_STEP, CMD_STOP = 0, 1
+LEADER = 0
+
+
+@dataclass
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == LEADER
+
+
+def init_distributed(timeout_s: float) -> DistContext:
+    """Join the torchrun group: NCCL and GPU LOCAL_RANK % device_count on CUDA, gloo on CPU."""
+    if "RANK" not in os.environ:
+        raise UserError("train_parallel.py must be started by torchrun, e.g. "
+                        "torchrun --standalone --nproc_per_node=3 train_parallel.py --config configs/smoke.yaml")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                            device_id=device if backend == "nccl" else None)
+    return DistContext(rank, world, local_rank, device, backend)
+
+
+def _layer_flops(layer: nn.Module, out_shape: torch.Size) -> float:
+    """Multiply-adds ×2 of one layer for one sample, given the shape of its output."""
+    if isinstance(layer, nn.Conv2d):
+        k = layer.kernel_size[0] * layer.kernel_size[1]
+        return 2.0 * layer.in_channels * layer.out_channels * k * out_shape[-1] * out_shape[-2]
+    if isinstance(layer, nn.Linear):
+        return 2.0 * layer.in_features * layer.out_features
+    return float(out_shape.numel())
+
+
+def block_flops(network: DTPNetwork, i: int) -> float:
+    """FLOPs of F_i on one sample; G_i mirrors each of its layers and costs about the same."""
+    x = torch.zeros((1, *network.block_input_shapes[i]))
+    total = 0.0
+    with torch.no_grad():
+        for layer in network.forward_blocks[i].layers:
+            x = layer(x)[0] if isinstance(layer, nn.MaxPool2d) else layer(x)
+            total += _layer_flops(layer, x.shape[1:])
+    return total
+
+
+def feedback_costs(network: DTPNetwork, cfg: dict[str, Any]) -> list[float]:
+    """Estimated cost of training each feedback block for one batch: k_i × FLOPs of one iteration.
+
+    One iteration runs F_i on K noisy copies, G_i forward on (1 + 2K) copies, and G_i backward (≈ 2×).
+    """
+    k = cfg["feedback"]["samples"]
+    return [
+        cfg["feedback"]["iterations"][i - 1] * block_flops(network, i) * (k + 3 * (1 + 2 * k))
+        for i in range(1, network.n_feedback + 1)
+    ]
+
+
+def assign_blocks(costs: list[float], world_size: int) -> list[int]:
+    """Owner rank of each feedback block (list index i−1 for G_i), balancing estimated cost.
+
+    Longest-processing-time first: the most expensive unassigned block goes to the least loaded rank;
+    on a tie a worker is preferred, leaving the leader free for communication.
+    """
+    n = len(costs)
+    if world_size > n + 1:
+        raise UserError(
+            f"{world_size} ranks were started but this network has only {n} trainable feedback blocks, so at "
+            f"most {n + 1} ranks are useful (a leader and one rank per block); use --nproc_per_node={n + 1} or fewer"
+        )
+    loads = [0.0] * world_size
+    owners = [0] * n
+    for i in sorted(range(n), key=lambda j: (-costs[j], j)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r == LEADER, r))
+        owners[i] = rank
+        loads[rank] += costs[i]
+    return owners
+
+
+def format_assignment(owners: list[int], costs: list[float], world_size: int) -> str:
+    total = sum(costs) or 1.0
+    lines = []
+    for rank in range(world_size):
+        blocks = [i + 1 for i, r in enumerate(owners) if r == rank]
+        share = sum(costs[i - 1] for i in blocks) / total
+        role = "leader" if rank == LEADER else "worker"
+        lines.append(f"rank {rank} ({role}): blocks {blocks or '-'}, {share:.0%} of estimated feedback cost")
+    return "\n".join(lines)
+
+
+def _state_vector(network: DTPNetwork, optimizer: torch.optim.SGD, i: int) -> Tensor:
+    params = list(network.feedback_blocks[i].parameters())
+    momentum = [optimizer.state[p]["momentum_buffer"] for p in params]
+    return torch.cat([parameters_to_vector(params), parameters_to_vector(momentum)])
+
+
+def _load_state_vector(network: DTPNetwork, optimizer: torch.optim.SGD, i: int, vec: Tensor) -> None:
+    params = list(network.feedback_blocks[i].parameters())
+    n = sum(p.numel() for p in params)
+    with torch.no_grad():
+        vector_to_parameters(vec[:n], params)
+        vector_to_parameters(vec[n : 2 * n], [optimizer.state[p]["momentum_buffer"] for p in params])
+
+
+def _state_size(network: DTPNetwork, i: int) -> int:
+    return 2 * sum(p.numel() for p in network.feedback_blocks[i].parameters())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# Per-step report a worker sends back: compute, communication and waiting seconds.
+TIMING_FIELDS = ("compute", "comm", "wait")
+# Appended to each block's state vector: its mean loss and its training seconds.
+BLOCK_EXTRA = 2
+
+
+@dataclass
+class DistributedFeedback:
+    """The leader's feedback phase: ship block inputs out, train its own blocks, collect the rest."""
+
+    network: DTPNetwork
+    optimizers: list[torch.optim.SGD]
+    cfg: dict[str, Any]
+    runtime: Runtime
+    ctx: DistContext
+    owners: list[int]
+    costs: list[float]
+    started: bool = False
+    last_entry: float | None = None
+    totals: dict[str, Any] = field(default_factory=dict)
+    last_timing: dict[int, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.network.n_feedback
+        self.worker_blocks = [i for i in range(1, n + 1) if self.owners[i - 1] != LEADER]
+        self.own_blocks = [i for i in range(1, n + 1) if self.owners[i - 1] == LEADER]
+        self.workers = sorted({self.owners[i - 1] for i in self.worker_blocks})
+        self.totals = {"steps": 0, "wall": 0.0, "leader_wait": 0.0, "block_s": [0.0] * n,
+                       "worker_busy": {r: 0.0 for r in range(1, self.ctx.world_size)}, "phase": 0.0}
+
+    def _send_initial_state(self) -> None:
+        for i in self.worker_blocks:
+            dist.send(_state_vector(self.network, self.optimizers[i - 1], i).contiguous(), self.owners[i - 1])
+
+    def train(self, block_inputs: list[Tensor], step: int) -> list[Tensor]:
+        entry = time.perf_counter()
+        device = self.ctx.device
+        dist.broadcast(torch.tensor([CMD_STEP, step, block_inputs[0].shape[0]], device=device), LEADER)
+        if not self.started:
+            self._send_initial_state()
+            self.started = True
+        pending = []
+        for i in self.worker_blocks:
+            owner = self.owners[i - 1]
+            fwd = parameters_to_vector(self.network.forward_blocks[i].parameters()).detach()
+            pending.append(dist.isend(fwd, owner))
+            pending.append(dist.isend(block_inputs[i - 1].contiguous(), owner))
+        states = {i: torch.empty(_state_size(self.network, i) + BLOCK_EXTRA, device=device) for i in self.worker_blocks}
+        timings = {r: torch.empty(len(TIMING_FIELDS), dtype=torch.float64, device=device) for r in self.workers}
+        for i in self.worker_blocks:
+            pending.append(dist.irecv(states[i], self.owners[i - 1]))
+        for r in self.workers:
+            pending.append(dist.irecv(timings[r], r))
+        losses: dict[int, Tensor] = {}
+        for i in self.own_blocks:
+            t0 = time.perf_counter()
+            losses.update(train_blocks(self.network, self.optimizers, self.cfg, [i], block_inputs, step, self.runtime))
+            _sync(device)
+            self.totals["block_s"][i - 1] += time.perf_counter() - t0
+        wait0 = time.perf_counter()
+        for work in pending:
+            work.wait()
+        wait = time.perf_counter() - wait0
+        for i in self.worker_blocks:
+            vec = states[i]
+            _load_state_vector(self.network, self.optimizers[i - 1], i, vec[:-BLOCK_EXTRA])
+            losses[i] = vec[-2]
+            self.totals["block_s"][i - 1] += float(vec[-1])
+        self.last_timing = {r: t.cpu() for r, t in timings.items()}
+        for r, t in self.last_timing.items():
+            self.totals["worker_busy"][r] += float(t[0] + t[1])
+        if self.last_entry is not None:
+            self.totals["wall"] += entry - self.last_entry
+            self.totals["steps"] += 1
+        self.last_entry = entry
+        self.totals["leader_wait"] += wait
+        self.totals["phase"] += time.perf_counter() - entry
+        self.last_wait = wait
+        return [losses[i] for i in range(1, self.network.n_feedback + 1)]
+
+    def log(self, writer: SummaryWriter, step: int) -> None:
+        if step <= self.cfg["log"]["every"]:
+            writer.add_text("parallel/assignment", format_assignment(self.owners, self.costs, self.ctx.world_size), step)
+        writer.add_scalar("parallel/rank0_wait_s", self.last_wait, step)
+        for r, t in self.last_timing.items():
+            for name, value in zip(TIMING_FIELDS, t.tolist()):
+                writer.add_scalar(f"parallel/rank{r}_{name}_s", value, step)
+
+    def summary(self) -> dict[str, Any]:
+        """Parallel efficiency and the cost-model bound (DESIGN.md §6) from measured per-block times.
+
+        Steps are timed entry to entry, so the first step (warm-up) is excluded from the averages.
+        """
+        t = self.totals
+        n_steps = max(t["steps"], 1)
+        total_steps = t["steps"] + 1
+        wall = t["wall"] / n_steps
+        block_s = [b / total_steps for b in t["block_s"]]
+        t_rest = max(wall - t["phase"] / total_steps, 0.0)
+        world = self.ctx.world_size
+        rank_load = [sum(block_s[i] for i in range(len(block_s)) if self.owners[i] == r) for r in range(world)]
+        sequential_estimate = sum(block_s) + t_rest
+        bound = sequential_estimate / (max(rank_load) + t_rest)
+        leader_busy = wall - t["leader_wait"] / total_steps
+        busy = leader_busy + sum(v / total_steps for v in t["worker_busy"].values())
+        return {"parallel": {
+            "world_size": world,
+            "owners": {f"block{i + 1}": r for i, r in enumerate(self.owners)},
+            "sec_per_step": wall,
+            "block_feedback_s": block_s,
+            "leader_non_feedback_s": t_rest,
+            "efficiency": busy / (world * wall) if wall else 0.0,
+            "speedup_bound": bound,
+            "speedup_estimate": sequential_estimate / wall if wall else 0.0,
+        }}
+
+    def close(self) -> None:
+        dist.broadcast(torch.tensor([CMD_STOP, 0, 0], device=self.ctx.device), LEADER)
+
+
+def run_worker(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict[str, Any], runtime: Runtime,
+               ctx: DistContext, owners: list[int]) -> None:
+    """A non-leader rank: train the owned feedback blocks each step until the leader says stop."""
+    device = ctx.device
+    mine = [i for i in range(1, network.n_feedback + 1) if owners[i - 1] == ctx.rank]
+    control = torch.zeros(3, dtype=torch.int64, device=device)
+    started = False
+    while True:
+        t0 = time.perf_counter()
+        dist.broadcast(control, LEADER)
+        cmd, step, batch = control.tolist()
+        if cmd == CMD_STOP:
+            return
+        if not started:
+            for i in mine:
+                vec = torch.empty(_state_size(network, i), device=device)
+                dist.recv(vec, LEADER)
+                _load_state_vector(network, optimizers[i - 1], i, vec)
+            started = True
+        inputs: list[Tensor] = [torch.empty(0, device=device)] * network.n_feedback
+        fwd_vecs = {}
+        pending = []
+        for i in mine:
+            fwd_vecs[i] = torch.empty(sum(p.numel() for p in network.forward_blocks[i].parameters()), device=device)
+            inputs[i - 1] = torch.empty((batch, *network.block_input_shapes[i]), device=device)
+            pending.append(dist.irecv(fwd_vecs[i], LEADER))
+            pending.append(dist.irecv(inputs[i - 1], LEADER))
+        for work in pending:
+            work.wait()
+        wait = time.perf_counter() - t0
+        compute0 = time.perf_counter()
+        outgoing = []
+        for i in mine:
+            b0 = time.perf_counter()
+            with torch.no_grad():
+                vector_to_parameters(fwd_vecs[i], list(network.forward_blocks[i].parameters()))
+            loss = train_blocks(network, optimizers, cfg, [i], inputs, step, runtime)[i]
+            _sync(device)
+            seconds = torch.tensor([loss.item(), time.perf_counter() - b0], device=device)
+            outgoing.append(torch.cat([_state_vector(network, optimizers[i - 1], i), seconds]))
+        compute = time.perf_counter() - compute0
+        comm0 = time.perf_counter()
+        sends = [dist.isend(vec, LEADER) for vec in outgoing]
+        for work in sends:
+            work.wait()
+        comm = time.perf_counter() - comm0
+        timing = torch.tensor([compute, comm, wait], dtype=torch.float64, device=device)
+        dist.send(timing, LEADER)

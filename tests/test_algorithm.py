@@ -1,0 +1,194 @@
+"""The math of DESIGN.md §3–4 against hand computations on tiny blocks with fixed noise."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dtp.algorithm import (
+    feedback_loss,
+    forward_losses,
+    forward_pass,
+    noise_generator,
+    output_target,
+    propagate_targets,
+    train_feedback_block,
+    weight_alignment,
+)
+from dtp.config import DEFAULTS, merge
+from dtp.models import DTPNetwork, ForwardBlock, invert_block
+from dtp.trainer import LocalFeedback, Runtime, make_feedback_optimizers
+
+
+def tiny_conv_block(seed=0):
+    torch.manual_seed(seed)
+    block = ForwardBlock([nn.Conv2d(2, 3, 3, padding=1), nn.ELU(), nn.MaxPool2d(2, 2, return_indices=True)])
+    feedback = invert_block(block, torch.Size((2, 4, 4)))
+    return block, feedback
+
+
+def manual_feedback_block(block, feedback, y, pool_indices):
+    """G(y) written out by hand: unpool with the given indices, ELU, transposed convolution."""
+    conv_t = feedback.layers[2]
+    u = F.max_unpool2d(y, pool_indices, 2, 2, output_size=(4, 4))
+    return conv_t(F.elu(u))
+
+
+def test_feedback_loss_matches_hand_computation_with_fixed_noise():
+    block, feedback = tiny_conv_block()
+    torch.manual_seed(1)
+    x = torch.randn(5, 2, 4, 4)
+    dx = 0.3 * torch.randn(2, 5, 2, 4, 4)  # K = 2 noise samples
+    with torch.no_grad():
+        y, idx = block(x)
+    dy = 0.3 * torch.randn(2, *y.shape)
+
+    loss = feedback_loss(block, feedback, x, y, idx, dx, dy)
+    grads = torch.autograd.grad(loss, list(feedback.parameters()))
+
+    # Hand computation, one noise sample and one G call at a time.
+    conv, pool = block.layers[0], block.layers[2]
+    expected = 0.0
+    for k in range(2):
+        y_manual, idx_manual = pool(F.elu(conv(x)))
+        r = manual_feedback_block(block, feedback, y_manual, idx_manual)
+        with torch.no_grad():
+            y_noisy, idx_noisy = pool(F.elu(conv(x + dx[k])))
+        dr = manual_feedback_block(block, feedback, y_noisy, idx_noisy) - r  # indices of F(x + dx)
+        dr_y = manual_feedback_block(block, feedback, y_manual + dy[k], idx_manual) - r  # indices of F(x)
+        per_sample = -2 * (dx[k] * dr).sum((1, 2, 3)) + (dr_y**2).sum((1, 2, 3))
+        expected = expected + per_sample.mean() / 2
+    expected_grads = torch.autograd.grad(expected, list(feedback.parameters()))
+
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    # The perturbed forward pass really picked other pooling indices, so the rule is exercised.
+    assert any(not torch.equal(a, b) for a, b in zip(idx, block(x + dx[0])[1]))
+
+
+def test_gradient_flows_through_r_as_well():
+    """Dropping r's graph changes the gradient: L_i's gradient includes the r term (§3)."""
+    block, feedback = tiny_conv_block()
+    x = torch.randn(4, 2, 4, 4)
+    with torch.no_grad():
+        y, idx = block(x)
+    dx, dy = 0.2 * torch.randn(1, *x.shape), 0.2 * torch.randn(1, *y.shape)
+    loss = feedback_loss(block, feedback, x, y, idx, dx, dy)
+    full = torch.autograd.grad(loss, feedback.layers[2].weight)[0]
+    with torch.no_grad():
+        r = feedback(y, idx)
+    dr = feedback(block(x + dx[0])[0], block(x + dx[0])[1]) - r
+    dr_y = feedback(y + dy[0], idx) - r
+    partial = -2 * (dx[0] * dr).sum((1, 2, 3)) + (dr_y**2).sum((1, 2, 3))
+    partial_grad = torch.autograd.grad(partial.mean(), feedback.layers[2].weight)[0]
+    assert not torch.allclose(full, partial_grad)
+
+
+def test_output_target_is_a_gradient_step_on_summed_cross_entropy():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 10, requires_grad=True)
+    labels = torch.randint(0, 10, (6,))
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), logits)
+    torch.testing.assert_close(output_target(logits.detach(), labels, 0.7), logits.detach() - 0.7 * grad)
+
+
+def small_network(arch="simple_vgg", channels=(3, 4, 5), in_shape=(3, 16, 16), seed=0):
+    cfg = {"arch": arch, "channels": list(channels), "activation": "elu"}
+    return DTPNetwork(cfg, in_shape, 10, seed)
+
+
+@pytest.mark.parametrize("variant", ["dtp", "tp"])
+def test_propagate_targets_matches_hand_recursion(variant):
+    net = small_network()
+    torch.manual_seed(3)
+    x, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    outputs, indices = forward_pass(list(net.forward_blocks), x)
+    targets = propagate_targets(list(net.feedback_blocks), outputs, indices, labels, 0.7, variant)
+
+    n = len(outputs) - 1
+    with torch.no_grad():
+        t = outputs[n] - 0.7 * (torch.softmax(outputs[n], 1) - F.one_hot(labels, 10))
+        torch.testing.assert_close(targets[n], t)
+        for i in range(n, 0, -1):
+            g = net.feedback_blocks[i]
+            if variant == "dtp":
+                t = outputs[i - 1] + g(t, indices[i]) - g(outputs[i], indices[i])
+            else:
+                t = g(t, indices[i])
+            torch.testing.assert_close(targets[i - 1], t, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_loss_is_half_mean_squared_distance_per_block():
+    h = [torch.ones(2, 3), torch.zeros(2, 2, 2)]
+    t = [torch.zeros(2, 3), torch.full((2, 2, 2), 2.0)]
+    assert [float(l) for l in forward_losses(h, t)] == [1.5, 8.0]
+
+
+def test_blocks_receive_detached_inputs():
+    net = small_network()
+    x = torch.randn(2, 3, 16, 16)
+    outputs, _ = forward_pass(list(net.forward_blocks), x)
+    outputs[1].sum().backward()
+    assert net.forward_blocks[0].layers[0].weight.grad is None
+    assert net.forward_blocks[1].layers[0].weight.grad is not None
+
+
+def smoke_cfg(**feedback):
+    cfg = merge(DEFAULTS, {"model": {"channels": [3, 4, 5]}, "feedback": {
+        "iterations": [3, 2, 2], "noise": [0.4, 0.2, 0.1], "lr": [0.01, 0.01, 0.05], **feedback}})
+    return cfg
+
+
+def test_training_order_does_not_change_the_weights():
+    cfg = smoke_cfg()
+    torch.manual_seed(5)
+    x = torch.randn(8, 3, 16, 16)
+    results = []
+    for order in ([1, 2, 3], [3, 1, 2]):
+        net = small_network()
+        opts = make_feedback_optimizers(net, cfg)
+        outputs, _ = forward_pass(list(net.forward_blocks), x)
+        phase = LocalFeedback(net, opts, cfg, Runtime(torch.device("cpu")), order=order)
+        for step in range(2):
+            phase.train([h.detach() for h in outputs[:-1]], step)
+        results.append(net.feedback_blocks.state_dict())
+    for key in results[0]:
+        assert torch.equal(results[0][key], results[1][key]), key
+
+
+def test_noise_depends_only_on_seed_block_and_step():
+    a = torch.randn(4, generator=noise_generator(0, 2, 7, torch.device("cpu")))
+    b = torch.randn(4, generator=noise_generator(0, 2, 7, torch.device("cpu")))
+    assert torch.equal(a, b)
+    for other in (noise_generator(1, 2, 7, torch.device("cpu")), noise_generator(0, 3, 7, torch.device("cpu")),
+                  noise_generator(0, 2, 8, torch.device("cpu"))):
+        assert not torch.equal(a, torch.randn(4, generator=other))
+
+
+def test_train_feedback_block_reduces_the_reconstruction_loss():
+    net = small_network()
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 16, 16)
+    opt = torch.optim.SGD(net.feedback_blocks[1].parameters(), lr=0.01, momentum=0.9)
+    h0, _ = net.forward_blocks[0](x)
+    gen = torch.Generator().manual_seed(0)
+    first = train_feedback_block(net.forward_blocks[1], net.feedback_blocks[1], opt, h0, 1, 0.1, 1, gen)
+    train_feedback_block(net.forward_blocks[1], net.feedback_blocks[1], opt, h0, 40, 0.1, 1, gen)
+    last = train_feedback_block(net.forward_blocks[1], net.feedback_blocks[1], opt, h0, 1, 0.1, 1, gen)
+    assert float(last) < float(first)
+
+
+def test_weight_alignment_of_transposed_weights_is_zero():
+    net = small_network()
+    f, g = net.forward_blocks[1], copy.deepcopy(net.feedback_blocks[1])
+    with torch.no_grad():
+        g.layers[-1].weight.copy_(f.layers[0].weight)
+    angle, dist = weight_alignment(f, g)
+    assert angle == pytest.approx(0.0, abs=1e-2) and dist == pytest.approx(0.0, abs=1e-6)
+    last_f, last_g = net.forward_blocks[-1], copy.deepcopy(net.feedback_blocks[-1])
+    with torch.no_grad():
+        last_g.layers[0].weight.copy_(-last_f.layers[1].weight.t())
+    angle, dist = weight_alignment(last_f, last_g)
+    assert angle == pytest.approx(180.0, abs=1e-2) and dist == pytest.approx(2.0, abs=1e-5)

@@ -1,0 +1,74 @@
+"""train_parallel.py under torchrun (gloo, CPU): same weights as sequential, shared checkpoints, errors."""
+import json
+
+import pytest
+
+from conftest import SMOKE, assert_ok, load, max_relative_difference, momentum_buffers, run_script, run_torchrun
+from dtp.errors import UserError
+from dtp.parallel import assign_blocks
+
+TOLERANCE = 1e-4
+STEPS = "3"
+
+
+@pytest.fixture(scope="module")
+def sequential_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seq")
+    assert_ok(run_script("train_sequential.py", "--config", SMOKE, "--max-steps", STEPS, "--out", str(out)))
+    return load(out)
+
+
+def assert_parity(reference, other):
+    assert other["step"] == reference["step"]
+    assert max_relative_difference(reference, other, "forward") <= TOLERANCE
+    assert max_relative_difference(reference, other, "feedback") <= TOLERANCE
+    for a, b in zip(momentum_buffers(reference), momentum_buffers(other)):
+        assert float((a - b).abs().max()) <= TOLERANCE * max(float(a.abs().max()), 1e-3)
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 3, 6])
+def test_parallel_equals_sequential(tmp_path, sequential_reference, nproc):
+    out = tmp_path / f"p{nproc}"
+    proc = run_torchrun(nproc, "--config", SMOKE, "--max-steps", STEPS, "--out", str(out))
+    assert_ok(proc)
+    assert "rank 0 (leader)" in proc.stdout
+    assert_parity(sequential_reference, load(out))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 3 and "val_top1" in summary
+    par = summary["parallel"]
+    assert par["world_size"] == nproc and 0.0 < par["efficiency"] <= 1.0 and par["speedup_bound"] >= 1.0
+    assert list(out.glob("events.out.tfevents.*"))
+
+
+def test_checkpoints_resume_across_scripts_and_world_sizes(tmp_path, tiny_npz):
+    common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "2"]
+    straight, mixed = tmp_path / "straight", tmp_path / "mixed"
+    assert_ok(run_script("train_sequential.py", *common, "--out", str(straight)))
+    # Parallel with 3 ranks for 3 steps, sequential up to 5, parallel with 2 ranks to the end.
+    assert_ok(run_torchrun(3, *common, "--max-steps", "3", "--out", str(mixed)))
+    assert_ok(run_script("train_sequential.py", "--resume", str(mixed), "--max-steps", "5"))
+    assert load(mixed)["step"] == 5
+    assert_ok(run_torchrun(2, "--resume", str(mixed)))
+    assert_parity(load(straight), load(mixed))
+
+
+def test_more_ranks_than_blocks_is_an_error(tmp_path):
+    # channels [4, 8] gives 3 blocks, so 2 trainable feedback blocks and at most 3 useful ranks.
+    proc = run_torchrun(4, "--config", SMOKE, "--set", "model.channels=[4,8]", "--set", "feedback.iterations=[1,1]",
+                        "--set", "feedback.noise=[0.1,0.1]", "--set", "feedback.lr=[0.01,0.01]",
+                        "--out", str(tmp_path / "r"))
+    assert proc.returncode != 0
+    assert "at most 3 ranks are useful" in proc.stderr
+    assert "Traceback" not in proc.stderr.split("error:")[0][-2000:]
+
+
+def test_assignment_balances_estimated_cost():
+    # The CIFAR-10 profile of DESIGN.md §6: block 1 alone is the largest share.
+    costs = [6.5, 4.4, 1.9, 2.1, 0.02]
+    assert assign_blocks(costs, 1) == [0] * 5
+    owners = assign_blocks(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
+    assert max(loads) <= 6.5 + 0.02 + 1e-9
+    assert sorted(assign_blocks(costs, 6)) == [1, 2, 3, 4, 5]  # the leader keeps none
+    with pytest.raises(UserError, match="at most 6 ranks"):
+        assign_blocks(costs, 7)

@@ -1,0 +1,112 @@
+"""train_sequential.py as users run it: outputs, exact resume, and clear errors on bad input."""
+import json
+
+import pytest
+import torch
+
+from conftest import SMOKE, assert_ok, load, momentum_buffers, run_script
+
+
+def test_smoke_run_writes_checkpoint_summary_and_tensorboard(tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("train_sequential.py", "--config", SMOKE, "--max-steps", "3", "--out", str(out))
+    assert_ok(proc)
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("val_top1", "val_top5", "steps", "epochs", "wall_time_s", "train_images_per_s"):
+        assert key in summary
+    assert summary["steps"] == 3 and 0.0 <= summary["val_top1"] <= summary["val_top5"] <= 1.0
+    ckpt = load(out)
+    for key in ("forward", "feedback", "step", "epoch", "forward_optimizer", "scheduler", "feedback_optimizers",
+                "rng", "config"):
+        assert key in ckpt
+    assert ckpt["step"] == 3 and ckpt["config"]["dataset"] == "shapes"
+    assert list(out.glob("events.out.tfevents.*"))
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = set()
+    for event_file in out.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(event_file))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "train/top1", "train/forward_lr", "train/images_per_s", "val/top1", "val/top5",
+                "val/loss", "feedback_loss/block1", "forward_loss/block0", "alignment/angle_block1",
+                "alignment/distance_block5"):
+        assert tag in tags, tag
+
+
+def assert_same_run(a, b):
+    assert a["step"] == b["step"]
+    for key in ("forward", "feedback"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
+    for x, y in zip(momentum_buffers(a), momentum_buffers(b)):
+        assert torch.equal(x, y)
+    fa, fb = a["forward_optimizer"]["state"], b["forward_optimizer"]["state"]
+    for k in fa:
+        assert torch.equal(fa[k]["momentum_buffer"], fb[k]["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"]
+
+
+@pytest.mark.parametrize("algorithm", ["dtp", "bp"])
+def test_resume_equals_uninterrupted(tmp_path, tiny_npz, algorithm):
+    common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--algorithm", algorithm]
+    straight, split, mid = tmp_path / "straight", tmp_path / "split", tmp_path / "mid"
+    assert_ok(run_script("train_sequential.py", *common, "--epochs", "2", "--out", str(straight)))
+    # One epoch, then resume for one more.
+    assert_ok(run_script("train_sequential.py", *common, "--epochs", "1", "--out", str(split)))
+    assert load(split)["step"] == 4
+    assert_ok(run_script("train_sequential.py", "--resume", str(split), "--epochs", "2"))
+    # Interrupted mid-epoch, then resumed.
+    assert_ok(run_script("train_sequential.py", *common, "--epochs", "2", "--max-steps", "3", "--out", str(mid)))
+    assert_ok(run_script("train_sequential.py", "--resume", str(mid)))
+    reference = load(straight)
+    assert reference["step"] == 8
+    assert_same_run(reference, load(split))
+    assert_same_run(reference, load(mid))
+
+
+def expect_error(proc, *fragments):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    proc = run_script("train_sequential.py", "--config", SMOKE, "--set", "feedback.iteration=[1,2]",
+                      "--out", str(tmp_path / "r"))
+    expect_error(proc, "unknown config key 'feedback.iteration'", "feedback.iterations")
+
+
+def test_block_list_of_wrong_length_names_both_numbers(tmp_path):
+    proc = run_script("train_sequential.py", "--config", SMOKE, "--set", "feedback.noise=[0.1,0.1,0.1,0.1]",
+                      "--out", str(tmp_path / "r"))
+    expect_error(proc, "feedback.noise has 4 entries", "5 trainable feedback blocks")
+
+
+def test_missing_dataset_files_say_what_is_expected_where(tmp_path):
+    proc = run_script("train_sequential.py", "--config", SMOKE, "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                      "--out", str(tmp_path / "r"))
+    expect_error(proc, "data_batch_1", "--download")
+    proc = run_script("train_sequential.py", "--config", SMOKE, "--dataset", "imagenet32", "--data-dir",
+                      str(tmp_path), "--out", str(tmp_path / "r"))
+    expect_error(proc, "train_data_batch_1", "val_data")
+
+
+def test_bad_values_and_resume_paths_are_errors(tmp_path):
+    expect_error(run_script("train_sequential.py", "--config", str(tmp_path / "nope.yaml")), "nope.yaml")
+    expect_error(run_script("train_sequential.py", "--config", SMOKE, "--set", "model.arch=resnet"), "model.arch")
+    expect_error(run_script("train_sequential.py", "--resume", str(tmp_path)), "no checkpoint")
+    expect_error(run_script("train_sequential.py", "--config", SMOKE, "--set", "model.channels=[8,8,8,8,8,8]",
+                            "--out", str(tmp_path / "r")), "does not fit 32x32")
+
+
+def test_nan_loss_stops_with_an_error_and_keeps_the_checkpoint(tmp_path, tiny_npz):
+    out = tmp_path / "run"
+    common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--out", str(out)]
+    assert_ok(run_script("train_sequential.py", *common, "--epochs", "1"))
+    before = (out / "checkpoint.pt").read_bytes()
+    proc = run_script("train_sequential.py", "--resume", str(out), "--epochs", "2",
+                      "--set", "feedback.lr=[1.0e+30,1.0e-3,1.0e-3,1.0e-3,1.0e-3]")
+    expect_error(proc, "not finite", "feedback.lr")
+    assert (out / "checkpoint.pt").read_bytes() == before

@@ -1,0 +1,36 @@
+"""Single-process DTP / TP / BP training.
+
+    python train_sequential.py --config configs/shapes.yaml --out runs/shapes
+    python train_sequential.py --dataset cifar10 --data-dir data --download
+"""
+from __future__ import annotations
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from dtp.cli import build_network, build_parser, exit_on_user_error, load_data, resolve_run
+from dtp.config import to_yaml
+from dtp.trainer import LocalFeedback, Runtime, make_feedback_optimizers, run_training
+
+
+def main() -> None:
+    args = build_parser(__doc__.splitlines()[0]).parse_args()
+    run = resolve_run(args)
+    cfg = run.cfg
+    accelerator = Accelerator(mixed_precision=cfg["mixed_precision"])
+    set_seed(cfg["seed"])
+    runtime = Runtime(device=accelerator.device, autocast=accelerator.autocast)
+    print(to_yaml(cfg), end="")
+    data = load_data(cfg)
+    network = build_network(cfg, data).to(runtime.device)
+    feedback_optimizers = make_feedback_optimizers(network, cfg)
+    feedback = LocalFeedback(network, feedback_optimizers, cfg, runtime) if cfg["algorithm"] != "bp" else None
+    summary = run_training(
+        cfg, data, network, feedback_optimizers, feedback, runtime, run.out_dir, run.max_steps, run.resume_state
+    )
+    print(f"done: val top-1 {summary['val_top1']:.4f}, {summary['steps']} steps, "
+          f"{summary['wall_time_s']:.1f} s; outputs in {run.out_dir}")
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
