@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from contextlib import nullcontext
 from functools import partial
 
@@ -61,6 +62,8 @@ def main() -> None:
         network.to(ctx.device)
         optimizers = make_feedback_optimizers(network, cfg)
         if not ctx.is_leader:
+            # Only the leader acts on SIGUSR1 (it checkpoints and then releases the workers).
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             run_worker(network, optimizers, cfg, runtime, ctx, owners)
             return
         feedback = DistributedFeedback(network, optimizers, cfg, runtime, ctx, owners, costs)
@@ -70,10 +73,13 @@ def main() -> None:
             )
         finally:
             feedback.close()
+        if "stopped_by" in summary:
+            return
         par = summary["parallel"]
-        print(f"done: val top-1 {summary['val_top1']:.4f}, {summary['steps']} steps, {summary['wall_time_s']:.1f} s, "
-              f"{par['sec_per_step']:.3f} s/step, efficiency {par['efficiency']:.2f}, "
-              f"cost-model speed-up bound {par['speedup_bound']:.2f}x; outputs in {run.out_dir}")
+        timing = (f", {par['sec_per_step']:.3f} s/step, efficiency {par['efficiency']:.2f}, "
+                  f"cost-model speed-up bound {par['speedup_bound']:.2f}x" if "sec_per_step" in par else "")
+        print(f"done: val top-1 {summary['val_top1']:.4f}, {summary['steps']} steps, "
+              f"{summary['wall_time_s']:.1f} s{timing}; outputs in {run.out_dir}")
     finally:
         dist.destroy_process_group()
 

@@ -28,6 +28,8 @@ def main() -> None:
     summary = run_training(
         cfg, data, network, feedback_optimizers, feedback, runtime, run.out_dir, run.max_steps, run.resume_state
     )
+    if "stopped_by" in summary:
+        return
     print(f"done: val top-1 {summary['val_top1']:.4f}, {summary['steps']} steps, "
           f"{summary['wall_time_s']:.1f} s; outputs in {run.out_dir}")
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dtp import config as config_lib
-from dtp.checkpoint import load_checkpoint
+from dtp.checkpoint import CHECKPOINT, load_checkpoint
 from dtp.data import DATASETS, DatasetSplits, load_dataset
 from dtp.errors import UserError
 from dtp.models import DTPNetwork
@@ -27,7 +27,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=config_lib.MIXED_PRECISION)
     p.add_argument("--out", help="run directory for TensorBoard events, checkpoint.pt, summary.json")
     p.add_argument("--max-steps", type=int, help="stop after this many training steps in total")
-    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its checkpoint.pt)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its checkpoint.pt); 'auto': resume --out if it has a checkpoint")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, value parsed as YAML, e.g. --set feedback.iterations=[25,35,40,60,25]")
     return p
@@ -43,7 +43,13 @@ class Run:
 
 def resolve_run(args: argparse.Namespace) -> Run:
     """The resolved config and run options; a resumed run starts from the checkpoint's own config."""
-    resume_state = load_checkpoint(args.resume) if args.resume else None
+    resume_dir = args.resume
+    if resume_dir == "auto":
+        # Requeued cluster jobs: continue from --out if it holds a checkpoint, else start fresh.
+        if not args.out:
+            raise UserError("--resume auto needs --out DIR: it resumes DIR/checkpoint.pt when it exists")
+        resume_dir = args.out if (Path(args.out) / CHECKPOINT).is_file() else None
+    resume_state = load_checkpoint(resume_dir) if resume_dir else None
     overrides = {
         "dataset": args.dataset, "data_dir": args.data_dir, "download": args.download,
         "algorithm": args.algorithm, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -53,7 +59,7 @@ def resolve_run(args: argparse.Namespace) -> Run:
     cfg = config_lib.resolve(args.config, overrides, args.sets, base=base)
     if args.max_steps is not None and args.max_steps <= 0:
         raise UserError(f"--max-steps must be positive, got {args.max_steps}")
-    out = args.out or args.resume or f"runs/{cfg['dataset']}-{cfg['algorithm']}"
+    out = args.out or resume_dir or f"runs/{cfg['dataset']}-{cfg['algorithm']}"
     return Run(cfg, Path(out), args.max_steps, resume_state)
 
 

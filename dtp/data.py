@@ -288,7 +288,7 @@ SHAPE_NAMES = (
     "hollow square",
 )  # fmt: skip
 _SIZE = 32
-_NOISE_STD = 18.0  # pixel noise in 0..255 units
+_NOISE_STD = 12.0  # pixel noise in 0..255 units
 _MIN_CONTRAST = 90.0  # minimum RGB distance between foreground and background colours
 
 
@@ -360,7 +360,7 @@ def _contrasting_colours(rng: np.random.Generator, n: int) -> tuple[np.ndarray, 
 def _render_shapes(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Draw n images with exactly balanced classes (in random order), all randomness from rng."""
     y = rng.permutation(np.arange(n) % len(_MASKS)).astype(np.int64)
-    radius = rng.uniform(4.0, 11.0, n)
+    radius = rng.uniform(6.0, 12.0, n)
     # Keep most of the shape inside the frame, allowing slight clipping at the border.
     cx = rng.uniform(radius * 0.8, _SIZE - 1 - radius * 0.8)
     cy = rng.uniform(radius * 0.8, _SIZE - 1 - radius * 0.8)

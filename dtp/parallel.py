@@ -154,6 +154,18 @@ BLOCK_EXTRA = 2
 
 
 @dataclass
+class StepTiming:
+    """What one step of the feedback phase cost, as seen by the leader."""
+
+    block_s: list[float]
+    leader_wait: float
+    worker_busy: float
+    phase: float
+    wall: float | None = None  # entry to entry, known when the next step starts
+    ranks: dict[int, list[float]] = field(default_factory=dict)
+
+
+@dataclass
 class DistributedFeedback:
     """The leader's feedback phase: ship block inputs out, train its own blocks, collect the rest."""
 
@@ -165,17 +177,13 @@ class DistributedFeedback:
     owners: list[int]
     costs: list[float]
     started: bool = False
-    last_entry: float | None = None
-    totals: dict[str, Any] = field(default_factory=dict)
-    last_timing: dict[int, Tensor] = field(default_factory=dict)
+    history: list[tuple[float, StepTiming]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = self.network.n_feedback
         self.worker_blocks = [i for i in range(1, n + 1) if self.owners[i - 1] != LEADER]
         self.own_blocks = [i for i in range(1, n + 1) if self.owners[i - 1] == LEADER]
         self.workers = sorted({self.owners[i - 1] for i in self.worker_blocks})
-        self.totals = {"steps": 0, "wall": 0.0, "leader_wait": 0.0, "block_s": [0.0] * n,
-                       "worker_busy": {r: 0.0 for r in range(1, self.ctx.world_size)}, "phase": 0.0}
 
     def _send_initial_state(self) -> None:
         for i in self.worker_blocks:
@@ -183,6 +191,8 @@ class DistributedFeedback:
 
     def train(self, block_inputs: list[Tensor], step: int) -> list[Tensor]:
         entry = time.perf_counter()
+        if self.history:
+            self.history[-1][1].wall = entry - self.history[-1][0]
         device = self.ctx.device
         dist.broadcast(torch.tensor([CMD_STEP, step, block_inputs[0].shape[0]], device=device), LEADER)
         if not self.started:
@@ -201,11 +211,12 @@ class DistributedFeedback:
         for r in self.workers:
             pending.append(dist.irecv(timings[r], r))
         losses: dict[int, Tensor] = {}
+        block_s = [0.0] * self.network.n_feedback
         for i in self.own_blocks:
             t0 = time.perf_counter()
             losses.update(train_blocks(self.network, self.optimizers, self.cfg, [i], block_inputs, step, self.runtime))
             _sync(device)
-            self.totals["block_s"][i - 1] += time.perf_counter() - t0
+            block_s[i - 1] = time.perf_counter() - t0
         wait0 = time.perf_counter()
         for work in pending:
             work.wait()
@@ -214,54 +225,51 @@ class DistributedFeedback:
             vec = states[i]
             _load_state_vector(self.network, self.optimizers[i - 1], i, vec[:-BLOCK_EXTRA])
             losses[i] = vec[-2]
-            self.totals["block_s"][i - 1] += float(vec[-1])
-        self.last_timing = {r: t.cpu() for r, t in timings.items()}
-        for r, t in self.last_timing.items():
-            self.totals["worker_busy"][r] += float(t[0] + t[1])
-        if self.last_entry is not None:
-            self.totals["wall"] += entry - self.last_entry
-            self.totals["steps"] += 1
-        self.last_entry = entry
-        self.totals["leader_wait"] += wait
-        self.totals["phase"] += time.perf_counter() - entry
-        self.last_wait = wait
+            block_s[i - 1] = float(vec[-1])
+        ranks = {r: t.tolist() for r, t in timings.items()}
+        busy = sum(t[0] + t[1] for t in ranks.values())
+        self.history.append((entry, StepTiming(block_s, wait, busy, time.perf_counter() - entry, ranks=ranks)))
         return [losses[i] for i in range(1, self.network.n_feedback + 1)]
 
     def log(self, writer: SummaryWriter, step: int) -> None:
         if step <= self.cfg["log"]["every"]:
             writer.add_text("parallel/assignment", format_assignment(self.owners, self.costs, self.ctx.world_size), step)
-        writer.add_scalar("parallel/rank0_wait_s", self.last_wait, step)
-        for r, t in self.last_timing.items():
-            for name, value in zip(TIMING_FIELDS, t.tolist()):
+        last = self.history[-1][1]
+        writer.add_scalar("parallel/rank0_wait_s", last.leader_wait, step)
+        for r, values in last.ranks.items():
+            for name, value in zip(TIMING_FIELDS, values):
                 writer.add_scalar(f"parallel/rank{r}_{name}_s", value, step)
 
     def summary(self) -> dict[str, Any]:
         """Parallel efficiency and the cost-model bound (DESIGN.md §6) from measured per-block times.
 
-        Steps are timed entry to entry, so the first step (warm-up) is excluded from the averages.
+        Averages skip the first step (warm-up) and need the wall time of a step, known when the next
+        step starts; with fewer than three steps every step with a known wall time is used.
         """
-        t = self.totals
-        n_steps = max(t["steps"], 1)
-        total_steps = t["steps"] + 1
-        wall = t["wall"] / n_steps
-        block_s = [b / total_steps for b in t["block_s"]]
-        t_rest = max(wall - t["phase"] / total_steps, 0.0)
+        timed = [t for _, t in self.history if t.wall is not None]
+        steps = timed[1:] or timed
         world = self.ctx.world_size
-        rank_load = [sum(block_s[i] for i in range(len(block_s)) if self.owners[i] == r) for r in range(world)]
-        sequential_estimate = sum(block_s) + t_rest
-        bound = sequential_estimate / (max(rank_load) + t_rest)
-        leader_busy = wall - t["leader_wait"] / total_steps
-        busy = leader_busy + sum(v / total_steps for v in t["worker_busy"].values())
-        return {"parallel": {
-            "world_size": world,
-            "owners": {f"block{i + 1}": r for i, r in enumerate(self.owners)},
+        result: dict[str, Any] = {"world_size": world,
+                                  "owners": {f"block{i + 1}": r for i, r in enumerate(self.owners)}}
+        if not steps:
+            return {"parallel": result}
+        n = len(steps)
+        wall = sum(t.wall for t in steps) / n
+        block_s = [sum(t.block_s[i] for t in steps) / n for i in range(self.network.n_feedback)]
+        rest = max(wall - sum(t.phase for t in steps) / n, 0.0)  # forward pass, targets, update, data, logging
+        rank_load = [sum(b for b, owner in zip(block_s, self.owners) if owner == r) for r in range(world)]
+        sequential_estimate = sum(block_s) + rest
+        leader_busy = wall - sum(t.leader_wait for t in steps) / n
+        busy = leader_busy + sum(t.worker_busy for t in steps) / n
+        result.update({
             "sec_per_step": wall,
             "block_feedback_s": block_s,
-            "leader_non_feedback_s": t_rest,
-            "efficiency": busy / (world * wall) if wall else 0.0,
-            "speedup_bound": bound,
-            "speedup_estimate": sequential_estimate / wall if wall else 0.0,
-        }}
+            "leader_non_feedback_s": rest,
+            "efficiency": busy / (world * wall),
+            "speedup_bound": sequential_estimate / (max(rank_load) + rest),
+            "speedup_estimate": sequential_estimate / wall,
+        })
+        return {"parallel": result}
 
     def close(self) -> None:
         dist.broadcast(torch.tensor([CMD_STOP, 0, 0], device=self.ctx.device), LEADER)

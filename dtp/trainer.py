@@ -7,6 +7,8 @@ trained feedback weights back in its own modules.
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -124,6 +126,26 @@ class LocalFeedback:
 
     def close(self) -> None:
         pass
+
+
+class StopSignal:
+    """SIGUSR1 or SIGTERM (e.g. a cluster's warning before its time limit) asks the loop to stop.
+
+    The loop finishes the current step, checkpoints and returns, so `--resume` continues exactly.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signal.Signals(signum).name
 
 
 @dataclass
@@ -259,6 +281,8 @@ def run_training(
     if max_steps is not None:
         total_steps = min(total_steps, max_steps)
 
+    stop = StopSignal()
+    stop.install()
     writer = SummaryWriter(log_dir=str(out_dir))
     writer.add_text("config", "```\n" + config_lib.to_yaml(cfg) + "\n```", step)
     log_every, angles_every = cfg["log"]["every"], cfg["log"]["angles_every"]
@@ -282,7 +306,7 @@ def run_training(
     train_time, train_images = 0.0, 0
     metrics: dict[str, float] = {}
     evaluated_at = -1
-    while step < total_steps:
+    while step < total_steps and stop.received is None:
         epoch = step // steps_per_epoch
         first = step % steps_per_epoch
         n_batches = min(steps_per_epoch - first, total_steps - step)
@@ -321,6 +345,8 @@ def run_training(
                     angle, dist = weight_alignment(network.forward_blocks[i], network.feedback_blocks[i])
                     writer.add_scalar(f"alignment/angle_block{i}", angle, step)
                     writer.add_scalar(f"alignment/distance_block{i}", dist, step)
+            if stop.received is not None:
+                break
         bar.close()
         if step % steps_per_epoch == 0:
             scheduler.step()
@@ -333,6 +359,13 @@ def run_training(
                 f"val loss {metrics['loss']:.4f} top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f}"
             )
             checkpoint()
+    if stop.received is not None:
+        if evaluated_at != step:
+            checkpoint()
+        writer.close()
+        tqdm.write(f"{stop.received} received: stopped at step {step} with a checkpoint in {out_dir}; "
+                   f"continue with --resume {out_dir}")
+        return {"stopped_by": stop.received, "steps": step}
     if evaluated_at != step:
         metrics = evaluate(network, test_loader, runtime)
         for key, value in metrics.items():

@@ -16,21 +16,21 @@ ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
 
-def _env(threads: int) -> dict[str, str]:
+def script_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), TQDM_DISABLE="1")
     return env
 
 
 def run_script(script: str, *args: str, threads: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=_env(threads),
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=script_env(threads),
                           capture_output=True, text=True, timeout=timeout)
 
 
 def run_torchrun(nproc: int, *args: str, timeout: int = 300, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
            str(ROOT / "train_parallel.py"), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(1), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=script_env(1), capture_output=True, text=True, timeout=timeout)
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

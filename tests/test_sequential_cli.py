@@ -1,10 +1,14 @@
 """train_sequential.py as users run it: outputs, exact resume, and clear errors on bad input."""
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
-from conftest import SMOKE, assert_ok, load, momentum_buffers, run_script
+from conftest import ROOT, SMOKE, script_env, assert_ok, load, momentum_buffers, run_script
 
 
 def test_smoke_run_writes_checkpoint_summary_and_tensorboard(tmp_path):
@@ -110,3 +114,24 @@ def test_nan_loss_stops_with_an_error_and_keeps_the_checkpoint(tmp_path, tiny_np
                       "--set", "feedback.lr=[1.0e+30,1.0e-3,1.0e-3,1.0e-3,1.0e-3]")
     expect_error(proc, "not finite", "feedback.lr")
     assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_sigusr1_checkpoints_and_resume_continues_exactly(tmp_path, tiny_npz):
+    common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "50"]
+    out, straight = tmp_path / "signalled", tmp_path / "straight"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_sequential.py"), *common, "--out", str(out)],
+                            cwd=ROOT, env=script_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not list(out.glob("events.out.tfevents.*")) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "SIGUSR1 received: stopped at step" in stdout + stderr
+    stopped_at = load(out)["step"]
+    assert 0 < stopped_at < 200
+    target = str(stopped_at + 3)
+    assert_ok(run_script("train_sequential.py", "--resume", str(out), "--max-steps", target))
+    assert_ok(run_script("train_sequential.py", *common, "--max-steps", target, "--out", str(straight)))
+    assert_same_run(load(straight), load(out))

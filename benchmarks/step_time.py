@@ -1,0 +1,186 @@
+"""Time DTP training steps with the CIFAR-10 SimpleVGG settings (DESIGN.md §5) on random input.
+
+    python benchmarks/step_time.py --steps 2 --threads 2 --json
+    python benchmarks/step_time.py --steps 3 --parallel 2          # under torchrun, 1 thread per rank
+
+Sequential mode times this project's step and, in the same run, a naive baseline with the published
+code's cost structure (forward block recomputed inside every feedback iteration to restore the pooling
+indices, the three feedback passes run one by one, weight angle/distance computed every iteration),
+and reports the speed-up. With --json the last line is a JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dtp.algorithm import noise_generator, weight_alignment  # noqa: E402
+from dtp.config import DEFAULTS, merge  # noqa: E402
+from dtp.models import DTPNetwork  # noqa: E402
+from dtp.trainer import Runtime, build_forward_optimizer, make_feedback_optimizers, train_blocks, train_step  # noqa: E402
+
+
+def naive_train_block(network, optimizer, i, x, iterations, sigma, generator):
+    """The published structure: recompute F_i(x) every iteration, three separate G_i calls, angle each time."""
+    f, g = network.forward_blocks[i], network.feedback_blocks[i]
+    for _ in range(iterations):
+        dx = sigma * torch.randn(x.shape, generator=generator)
+        with torch.no_grad():
+            y, idx = f(x)
+            y_noisy, idx_noisy = f(x + dx)
+        dy = sigma * torch.randn(y.shape, generator=generator)
+        r = g(y, idx)
+        dr = g(y_noisy, idx_noisy) - r
+        dr_y = g(y + dy, idx) - r
+        loss = (-2 * (dx * dr).flatten(1).sum(1) + dr_y.square().flatten(1).sum(1)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        weight_alignment(f, g)
+        loss.item()
+
+
+class TimedFeedback:
+    """A sequential feedback phase that records seconds per block; `naive` switches to the baseline."""
+
+    def __init__(self, network, optimizers, cfg, runtime, naive: bool) -> None:
+        self.network, self.optimizers, self.cfg, self.runtime, self.naive = network, optimizers, cfg, runtime, naive
+        self.block_s = [0.0] * network.n_feedback
+
+    def train(self, block_inputs, step):
+        losses = []
+        fb = self.cfg["feedback"]
+        for i in range(1, self.network.n_feedback + 1):
+            t0 = time.perf_counter()
+            if self.naive:
+                gen = noise_generator(self.cfg["seed"], i, step, self.runtime.device)
+                naive_train_block(self.network, self.optimizers[i - 1], i, block_inputs[i - 1],
+                                  fb["iterations"][i - 1], fb["noise"][i - 1], gen)
+                losses.append(torch.zeros(()))
+            else:
+                losses.append(train_blocks(self.network, self.optimizers, self.cfg, [i], block_inputs, step,
+                                           self.runtime)[i])
+            if self.runtime.device.type == "cuda":
+                torch.cuda.synchronize()
+            self.block_s[i - 1] += time.perf_counter() - t0
+        return losses
+
+
+def time_sequential(cfg, steps: int, warmup: int, naive: bool, channels_last: bool) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runtime = Runtime(device)
+    network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"]).to(device)
+    if channels_last:
+        network = network.to(memory_format=torch.channels_last)
+    optimizers = make_feedback_optimizers(network, cfg)
+    forward_opt, _ = build_forward_optimizer(network, cfg)
+    phase = TimedFeedback(network, optimizers, cfg, runtime, naive)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg["batch_size"], 3, 32, 32, generator=gen).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (cfg["batch_size"],), generator=gen).to(device)
+    total = 0.0
+    for step in range(warmup + steps):
+        if step == warmup:
+            phase.block_s = [0.0] * network.n_feedback
+        t0 = time.perf_counter()
+        train_step(network, forward_opt, phase, x, y, cfg, step, runtime)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            total += time.perf_counter() - t0
+    sec = total / steps
+    block_s = [b / steps for b in phase.block_s]
+    return {"sec_per_step": sec, "images_per_s": cfg["batch_size"] / sec, "block_feedback_s": block_s,
+            "forward_update_s": sec - sum(block_s)}
+
+
+def parallel_worker(args, cfg) -> None:
+    """One rank of `--parallel P`: the leader runs timed steps, the others run the ordinary worker loop."""
+    from dtp.parallel import DistributedFeedback, assign_blocks, feedback_costs, init_distributed, run_worker
+
+    ctx = init_distributed(600)
+    runtime = Runtime(ctx.device)
+    network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"]).to(ctx.device)
+    optimizers = make_feedback_optimizers(network, cfg)
+    costs = feedback_costs(network, cfg)
+    owners = assign_blocks(costs, ctx.world_size)
+    if not ctx.is_leader:
+        run_worker(network, optimizers, cfg, runtime, ctx, owners)
+        return
+    forward_opt, _ = build_forward_optimizer(network, cfg)
+    phase = DistributedFeedback(network, optimizers, cfg, runtime, ctx, owners, costs)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(cfg["batch_size"], 3, 32, 32, generator=gen).to(ctx.device)
+    y = torch.randint(0, 10, (cfg["batch_size"],), generator=gen).to(ctx.device)
+    # The phase times steps entry to entry and drops the first, so run one extra step.
+    for step in range(args.warmup + args.steps + 1):
+        train_step(network, forward_opt, phase, x, y, cfg, step, runtime)
+    phase.close()
+    par = phase.summary()["parallel"]
+    par["peak_rss_mib_leader"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    par["images_per_s"] = cfg["batch_size"] / par["sec_per_step"]
+    print(json.dumps(par))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--parallel", type=int, default=0, help="run under torchrun with this many ranks")
+    p.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    cfg = merge(DEFAULTS, {"batch_size": args.batch_size})
+
+    if args.rank_worker:
+        parallel_worker(args, cfg)
+        return
+    if args.parallel:
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.parallel}",
+               __file__, "--rank-worker", "--steps", str(args.steps), "--warmup", str(args.warmup),
+               "--batch-size", str(args.batch_size)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            sys.exit(out.stderr[-3000:])
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"parallel P={args.parallel}: {result['sec_per_step']:.3f} s/step, {result['images_per_s']:.1f} img/s, "
+              f"efficiency {result['efficiency']:.2f}, cost-model bound {result['speedup_bound']:.2f}x, "
+              f"estimated speed-up {result['speedup_estimate']:.2f}x")
+        if args.json:
+            print(json.dumps(result))
+        return
+
+    torch.set_num_threads(args.threads)
+    ours = time_sequential(cfg, args.steps, args.warmup, naive=False, channels_last=args.channels_last)
+    result = dict(ours, threads=args.threads, batch_size=args.batch_size)
+    print(f"ours:     {ours['sec_per_step']:.3f} s/step, {ours['images_per_s']:.1f} img/s, feedback per block "
+          + ", ".join(f"{b:.3f}" for b in ours["block_feedback_s"]) + f" s, forward/update {ours['forward_update_s']:.3f} s")
+    if not args.no_baseline:
+        base = time_sequential(cfg, args.steps, args.warmup, naive=True, channels_last=args.channels_last)
+        print(f"baseline: {base['sec_per_step']:.3f} s/step, {base['images_per_s']:.1f} img/s, feedback per block "
+              + ", ".join(f"{b:.3f}" for b in base["block_feedback_s"]) + " s")
+        result["baseline_sec_per_step"] = base["sec_per_step"]
+        result["speedup_over_baseline"] = base["sec_per_step"] / ours["sec_per_step"]
+        print(f"speed-up over the published structure: {result['speedup_over_baseline']:.2f}x")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
