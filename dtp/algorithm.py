@@ -8,19 +8,14 @@ import math
 from contextlib import AbstractContextManager, nullcontext
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dtp.seeding import seeded_generator
 from dtp.models import FeedbackBlock, ForwardBlock, Indices, parametric_layers
 
 Autocast = Callable[[], AbstractContextManager]
-
-
-def derive_seed(*keys: int) -> int:
-    """A well-mixed 63-bit seed from integer keys, e.g. (run seed, block index, step)."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 FEEDBACK_NOISE_STREAM = 1
@@ -32,9 +27,7 @@ def noise_generator(seed: int, block: int, step: int, device: torch.device) -> t
     It depends on nothing but (run seed, block, step), so the order in which blocks are trained, the
     rank that trains them and whether the run was resumed never change the noise (DESIGN.md §6).
     """
-    gen = torch.Generator(device=device)
-    gen.manual_seed(derive_seed(seed, FEEDBACK_NOISE_STREAM, block, step))
-    return gen
+    return seeded_generator(FEEDBACK_NOISE_STREAM, seed, block, step, device=device)
 
 
 def _sum_per_sample(t: Tensor) -> Tensor:

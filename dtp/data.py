@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from dtp.errors import UserError
+from dtp.seeding import seeded_generator
 
 DATASETS = ("shapes", "cifar10", "imagenet32", "npz")
 
@@ -403,14 +404,6 @@ def make_shapes(
 # ----------------------------------------------------------------------------- batching
 
 
-def _generator(*words: int) -> torch.Generator:
-    """A CPU generator whose seed is a hash of `words` alone, so no global RNG state is involved."""
-    state = np.random.SeedSequence([int(w) for w in words]).generate_state(2, dtype=np.uint32)
-    g = torch.Generator()
-    g.manual_seed(int(state[0]) << 32 | int(state[1]))
-    return g
-
-
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random crop from the PAD-zero-padded image plus random horizontal flip, for a uint8 B×C×H×W batch.
 
@@ -473,12 +466,12 @@ class BatchLoader:
         """Yield (normalised float32 images, int64 labels) for batches start, start+1, ... of `epoch`."""
         n = len(self.x)
         if self.train:
-            order = torch.randperm(n, generator=_generator(_PERM_STREAM, self.seed, epoch)).to(self.x.device)
+            order = torch.randperm(n, generator=seeded_generator(_PERM_STREAM, self.seed, epoch)).to(self.x.device)
         else:
             order = torch.arange(n, device=self.x.device)
         for b in range(start, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             images = self.x[idx]
             if self.train:
-                images = augment(images, _generator(_AUG_STREAM, self.seed, epoch, b))
+                images = augment(images, seeded_generator(_AUG_STREAM, self.seed, epoch, b))
             yield images.float() * self._scale - self._shift, self.y[idx]
