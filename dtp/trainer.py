@@ -180,7 +180,8 @@ def train_step(
     with runtime.autocast():
         outputs, indices = forward_pass(blocks, x)
     assert feedback is not None
-    fb_losses = feedback.train([h.detach() for h in outputs[:-1]], step)
+    # Feedback training gets fp32 inputs whatever the autocast, so every FeedbackPhase sees the same tensors.
+    fb_losses = feedback.train([h.detach().float() for h in outputs[:-1]], step)
     with runtime.autocast():
         targets = propagate_targets(
             list(network.feedback_blocks), outputs, indices, labels, cfg["forward"]["beta"], algorithm

@@ -1,10 +1,18 @@
 """train_parallel.py under torchrun (gloo, CPU): same weights as sequential, shared checkpoints, errors."""
 import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from conftest import SMOKE, assert_ok, load, max_relative_difference, momentum_buffers, run_script, run_torchrun
+from conftest import (
+    ROOT, SMOKE, assert_ok, load, max_relative_difference, momentum_buffers, run_script, run_torchrun, script_env,
+)
 from dtp.errors import UserError
 from dtp.parallel import assign_blocks
 
@@ -76,3 +84,37 @@ def test_assignment_balances_estimated_cost():
     assert sorted(assign_blocks(costs, 6)) == [1, 2, 3, 4, 5]  # the leader keeps none
     with pytest.raises(UserError, match="at most 6 ranks"):
         assign_blocks(costs, 7)
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """PID of the child of the torchrun process `parent` whose environment has RANK=rank."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if int((proc / "stat").read_text().split(") ")[1].split()[1]) != parent:
+                continue
+            if f"RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                return int(proc.name)
+        except (OSError, IndexError, ValueError):
+            continue
+    return None
+
+
+def test_a_dead_rank_ends_the_job_without_a_hang_and_keeps_the_checkpoint(tmp_path, tiny_npz):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+           str(ROOT / "train_parallel.py"), "--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz),
+           "--epochs", "1000", "--out", str(out), "--timeout-s", "60"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    victim = _rank_pid(proc.pid, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "train_parallel.py FAILED" in stderr
+    assert load(out)["step"] % 4 == 0  # an epoch-end checkpoint, intact and loadable
