@@ -23,8 +23,11 @@ def main() -> None:
     print(to_yaml(cfg), end="")
     data = load_data(cfg)
     network = build_network(cfg, data).to(runtime.device)
-    feedback_optimizers = make_feedback_optimizers(network, cfg)
-    feedback = LocalFeedback(network, feedback_optimizers, cfg, runtime) if cfg["algorithm"] != "bp" else None
+    if cfg["algorithm"] == "bp":
+        feedback_optimizers, feedback = [], None
+    else:
+        feedback_optimizers = make_feedback_optimizers(network, cfg)
+        feedback = LocalFeedback(network, feedback_optimizers, cfg, runtime)
     summary = run_training(
         cfg, data, network, feedback_optimizers, feedback, runtime, run.out_dir, run.max_steps, run.resume_state
     )

@@ -27,7 +27,8 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", choices=config_lib.MIXED_PRECISION)
     p.add_argument("--out", help="run directory for TensorBoard events, checkpoint.pt, summary.json")
     p.add_argument("--max-steps", type=int, help="stop after this many training steps in total")
-    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR (its checkpoint.pt); 'auto': resume --out if it has a checkpoint")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run saved in DIR (its checkpoint.pt); 'auto': resume --out if it has one")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, value parsed as YAML, e.g. --set feedback.iterations=[25,35,40,60,25]")
     return p

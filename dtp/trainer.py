@@ -260,8 +260,10 @@ def run_training(
 ) -> dict[str, Any]:
     """Train until cfg['epochs'] (or max_steps total steps); write TensorBoard, checkpoints, summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_loader = BatchLoader(data.train_x, data.train_y, cfg["batch_size"], data.mean, data.std, train=True, seed=cfg["seed"])
-    test_loader = BatchLoader(data.test_x, data.test_y, cfg["eval_batch_size"], data.mean, data.std, train=False, seed=cfg["seed"])
+    train_loader = BatchLoader(data.train_x, data.train_y, cfg["batch_size"], data.mean, data.std,
+                               train=True, seed=cfg["seed"])
+    test_loader = BatchLoader(data.test_x, data.test_y, cfg["eval_batch_size"], data.mean, data.std,
+                              train=False, seed=cfg["seed"])
     forward_opt, scheduler = build_forward_optimizer(network, cfg)
     step, wall_before = 0, 0.0
     if resume_state is not None:
