@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtp.errors import ConfigError
@@ -35,21 +36,52 @@ class ForwardBlock(nn.Module):
         return x, indices
 
 
+PARAMETRIC = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+
+
 class FeedbackBlock(nn.Module):
-    """G_i: the layers of F_i inverted and reversed; unpooling consumes the indices it is given."""
+    """G_i: the layers of F_i inverted and reversed; unpooling consumes the indices it is given.
+
+    G_i = tail ∘ head, where the head (unpool, activation) has no parameters and the tail is the one
+    parametric layer plus reshapes, so it is affine. L-DRL only needs differences G(a) − G(b), which
+    the tail maps linearly: `head` and `tail_difference` let the loss skip the bias and one of the
+    three weight passes per iteration without changing the math.
+    """
 
     def __init__(self, layers: list[nn.Module], output_sizes: list[torch.Size | None]) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.output_sizes = output_sizes
+        positions = [k for k, layer in enumerate(layers) if isinstance(layer, PARAMETRIC)]
+        if len(positions) != 1 or not all(isinstance(l, nn.Unflatten) for l in layers[positions[0] + 1 :]):
+            raise TypeError("a feedback block needs exactly one parametric layer, followed only by reshapes")
+        self.tail_start = positions[0]
 
-    def forward(self, y: Tensor, indices: Indices) -> Tensor:
+    def head(self, y: Tensor, indices: Indices) -> Tensor:
+        """The parameter-free layers before the parametric one (unpooling with the given indices)."""
         remaining = list(indices)
-        for layer, size in zip(self.layers, self.output_sizes):
+        for layer, size in zip(self.layers[: self.tail_start], self.output_sizes):
             if isinstance(layer, nn.MaxUnpool2d):
                 y = layer(y, remaining.pop(), output_size=size)
             else:
                 y = layer(y)
+        return y
+
+    def tail_difference(self, delta: Tensor) -> Tensor:
+        """tail(a) − tail(b) for delta = a − b: the parametric layer without its bias, then reshapes."""
+        layer = self.layers[self.tail_start]
+        if isinstance(layer, nn.ConvTranspose2d):
+            out = F.conv_transpose2d(delta, layer.weight, None, layer.stride, layer.padding, layer.output_padding)
+        else:
+            out = F.linear(delta, layer.weight)
+        for reshape in self.layers[self.tail_start + 1 :]:
+            out = reshape(out)
+        return out
+
+    def forward(self, y: Tensor, indices: Indices) -> Tensor:
+        y = self.head(y, indices)
+        for layer in self.layers[self.tail_start :]:
+            y = layer(y)
         return y
 
 
@@ -161,4 +193,4 @@ class DTPNetwork(nn.Module):
 
 
 def parametric_layers(block: nn.Module) -> list[nn.Module]:
-    return [m for m in block.layers if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))]
+    return [m for m in block.layers if isinstance(m, PARAMETRIC)]
