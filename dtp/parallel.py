@@ -54,8 +54,15 @@ def init_distributed(timeout_s: float) -> DistContext:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
-                            device_id=device if backend == "nccl" else None)
+    # Keys are namespaced per torchrun restart: after an elastic restart the agent's store still holds
+    # the previous attempt's gloo addresses, and reading those makes the new group fail to connect.
+    timeout = timedelta(seconds=timeout_s)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == LEADER and not agent_store, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"dtp/attempt_{attempt}", store), rank=rank,
+                            world_size=world, timeout=timeout, device_id=device if backend == "nccl" else None)
     return DistContext(rank, world, local_rank, device, backend)
 
 

@@ -4,6 +4,9 @@
 VENV=${VENV:-.venv}                            # python/torchrun come from $VENV/bin when it exists
 DATA_DIR=${DATA_DIR:-data}                     # dataset folder (or .npz file), passed as --data-dir
 CONFIG=${CONFIG:-configs/cifar10_dtp.yaml}     # passed as --config
+# torchrun restarts the whole group this many times when a rank dies; --resume auto continues
+# from the last checkpoint (elastic restart, tested on CPU in tests/test_parallel.py).
+MAX_RESTARTS=${MAX_RESTARTS:-3}
 OUT=${OUT:-runs/${SLURM_JOB_NAME:-local}-${SLURM_JOB_ID:-$(date +%Y%m%d-%H%M%S)}}  # run directory
 
 # Flags every launch passes. --resume auto continues from $OUT/checkpoint.pt when it exists,

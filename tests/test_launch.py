@@ -108,7 +108,8 @@ def test_slurm_parallel(stub_env):
     env, log = stub_env
     proc = launch("slurm_parallel.sbatch", env, "--epochs", "3")
     assert proc.returncode == 0, proc.stderr
-    assert calls(log) == [["torchrun", "--standalone", "--nproc_per_node=4", "train_parallel.py", *TRAIN_FLAGS]]
+    assert calls(log) == [["torchrun", "--standalone", "--nproc_per_node=4", "--max-restarts=3", "train_parallel.py",
+                           *TRAIN_FLAGS]]
     assert env_of(log, "torchrun") == "env:torchrun OMP_NUM_THREADS=2 NCCL_DEBUG=WARN"
 
 
@@ -116,7 +117,7 @@ def test_slurm_multinode(stub_env):
     env, log = stub_env
     proc = launch("slurm_multinode.sbatch", env, "--epochs", "3")
     assert proc.returncode == 0, proc.stderr
-    torchrun = ["torchrun", "--nnodes=2", "--nproc_per_node=4", "--rdzv_backend=c10d",
+    torchrun = ["torchrun", "--nnodes=2", "--nproc_per_node=4", "--max-restarts=3", "--rdzv_backend=c10d",
                 "--rdzv_endpoint=node-a:29500", "--rdzv_id=123", "train_parallel.py", *TRAIN_FLAGS]
     assert calls(log) == [
         ["scontrol", "show", "hostnames", "node-[a-b]"],

@@ -118,3 +118,26 @@ def test_a_dead_rank_ends_the_job_without_a_hang_and_keeps_the_checkpoint(tmp_pa
     assert proc.returncode != 0
     assert "train_parallel.py FAILED" in stderr
     assert load(out)["step"] % 4 == 0  # an epoch-end checkpoint, intact and loadable
+
+
+def test_elastic_restart_after_a_dead_rank_finishes_like_an_uninterrupted_run(tmp_path, tiny_npz):
+    """torchrun --max-restarts restarts the group; --resume auto continues from the last checkpoint."""
+    common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "6"]
+    straight, elastic = tmp_path / "straight", tmp_path / "elastic"
+    assert_ok(run_script("train_sequential.py", *common, "--out", str(straight)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "--max-restarts=1",
+           str(ROOT / "train_parallel.py"), *common, "--out", str(elastic), "--resume", "auto", "--timeout-s", "60"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 120
+    while not (elastic / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    victim = _rank_pid(proc.pid, 1)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "exitcode: -9" in stderr  # the killed rank was seen, and the restarted group finished
+    result = load(elastic)
+    assert result["step"] == 24
+    assert_parity(load(straight), result)
