@@ -12,12 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dtp.seeding import seeded_generator
 from dtp.models import FeedbackBlock, ForwardBlock, Indices, parametric_layers
+from dtp.seeding import seeded_generator
 
 Autocast = Callable[[], AbstractContextManager]
-
-
 FEEDBACK_NOISE_STREAM = 1
 
 
