@@ -17,6 +17,8 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -75,9 +77,9 @@ class TimedFeedback:
         return losses
 
 
-def time_sequential(cfg, steps: int, warmup: int, naive: bool, channels_last: bool) -> dict:
+def time_sequential(cfg, steps: int, warmup: int, naive: bool, channels_last: bool, bf16: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    runtime = Runtime(device)
+    runtime = Runtime(device, partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16 else nullcontext)
     network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"]).to(device)
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
@@ -142,6 +144,7 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=0, help="run under torchrun with this many ranks")
     p.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (the baseline runs in fp32)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -167,12 +170,12 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
-    ours = time_sequential(cfg, args.steps, args.warmup, naive=False, channels_last=args.channels_last)
+    ours = time_sequential(cfg, args.steps, args.warmup, naive=False, channels_last=args.channels_last, bf16=args.bf16)
     result = dict(ours, threads=args.threads, batch_size=args.batch_size)
     print(f"ours:     {ours['sec_per_step']:.3f} s/step, {ours['images_per_s']:.1f} img/s, feedback per block "
           + ", ".join(f"{b:.3f}" for b in ours["block_feedback_s"]) + f" s, forward/update {ours['forward_update_s']:.3f} s")
     if not args.no_baseline:
-        base = time_sequential(cfg, args.steps, args.warmup, naive=True, channels_last=args.channels_last)
+        base = time_sequential(cfg, args.steps, args.warmup, naive=True, channels_last=args.channels_last, bf16=False)
         print(f"baseline: {base['sec_per_step']:.3f} s/step, {base['images_per_s']:.1f} img/s, feedback per block "
               + ", ".join(f"{b:.3f}" for b in base["block_feedback_s"]) + " s")
         result["baseline_sec_per_step"] = base["sec_per_step"]
