@@ -20,7 +20,7 @@ from dtp.config import to_yaml
 from dtp.errors import UserError
 from dtp.models import DTPNetwork
 from dtp.parallel import (
-    DistributedFeedback, assign_blocks, feedback_costs, format_assignment, init_distributed, run_worker,
+    DistributedFeedback, assign_blocks, format_assignment, init_distributed, measure_feedback_costs, run_worker,
 )
 from dtp.trainer import Runtime, make_feedback_optimizers, run_training
 
@@ -41,7 +41,7 @@ def main() -> None:
                 raise UserError("--algorithm bp has no feedback phase to parallelise; use train_sequential.py")
             data = load_data(run.cfg)
             network = build_network(run.cfg, data)
-            costs = feedback_costs(network, run.cfg)
+            costs = measure_feedback_costs(network, run.cfg, ctx.device)
             owners = assign_blocks(costs, ctx.world_size)
         except UserError as exc:
             dist.broadcast_object_list([exc], src=0)

@@ -109,13 +109,15 @@ def time_sequential(cfg, steps: int, warmup: int, naive: bool, channels_last: bo
 
 def parallel_worker(args, cfg) -> None:
     """One rank of `--parallel P`: the leader runs timed steps, the others run the ordinary worker loop."""
-    from dtp.parallel import DistributedFeedback, assign_blocks, feedback_costs, init_distributed, run_worker
+    from dtp.parallel import (
+        DistributedFeedback, assign_blocks, init_distributed, measure_feedback_costs, run_worker,
+    )
 
     ctx = init_distributed(600)
     runtime = Runtime(ctx.device)
     network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"]).to(ctx.device)
     optimizers = make_feedback_optimizers(network, cfg)
-    costs = feedback_costs(network, cfg)
+    costs = measure_feedback_costs(network, cfg, ctx.device)
     owners = assign_blocks(costs, ctx.world_size)
     if not ctx.is_leader:
         run_worker(network, optimizers, cfg, runtime, ctx, owners)

@@ -8,6 +8,7 @@ holds the complete state, so checkpoints, resume and a change of world size need
 """
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.tensorboard import SummaryWriter
 
+from dtp.algorithm import train_feedback_block
 from dtp.errors import UserError
 from dtp.models import DTPNetwork
 from dtp.trainer import Runtime, train_blocks
@@ -66,37 +68,33 @@ def init_distributed(timeout_s: float) -> DistContext:
     return DistContext(rank, world, local_rank, device, backend)
 
 
-def _layer_flops(layer: nn.Module, out_shape: torch.Size) -> float:
-    """Multiply-adds ×2 of one layer for one sample, given the shape of its output."""
-    if isinstance(layer, nn.Conv2d):
-        k = layer.kernel_size[0] * layer.kernel_size[1]
-        return 2.0 * layer.in_channels * layer.out_channels * k * out_shape[-1] * out_shape[-2]
-    if isinstance(layer, nn.Linear):
-        return 2.0 * layer.in_features * layer.out_features
-    return float(out_shape.numel())
+def measure_feedback_costs(network: DTPNetwork, cfg: dict[str, Any], device: torch.device,
+                           repeats: int = 2) -> list[float]:
+    """Seconds one batch of feedback training takes per block: k_i × one timed iteration.
 
-
-def block_flops(network: DTPNetwork, i: int) -> float:
-    """FLOPs of F_i on one sample; G_i mirrors each of its layers and costs about the same."""
-    x = torch.zeros((1, *network.block_input_shapes[i]))
-    total = 0.0
-    with torch.no_grad():
-        for layer in network.forward_blocks[i].layers:
-            x = layer(x)[0] if isinstance(layer, nn.MaxPool2d) else layer(x)
-            total += _layer_flops(layer, x.shape[1:])
-    return total
-
-
-def feedback_costs(network: DTPNetwork, cfg: dict[str, Any]) -> list[float]:
-    """Estimated cost of training each feedback block for one batch: k_i × FLOPs of one iteration.
-
-    One iteration runs F_i on K noisy copies, G_i forward on (1 + 2K) copies, and G_i backward (≈ 2×).
+    Timed on copies of the blocks with random input and lr 0, so the run's weights and noise streams
+    are untouched. Measuring beats counting FLOPs: memory-bound layers and small late blocks cost more
+    than their FLOPs suggest.
     """
-    k = cfg["feedback"]["samples"]
-    return [
-        cfg["feedback"]["iterations"][i - 1] * block_flops(network, i) * (k + 3 * (1 + 2 * k))
-        for i in range(1, network.n_feedback + 1)
-    ]
+    fb = cfg["feedback"]
+    costs = []
+    for i in range(1, network.n_feedback + 1):
+        forward_block = copy.deepcopy(network.forward_blocks[i]).to(device)
+        feedback_block = copy.deepcopy(network.feedback_blocks[i]).to(device)
+        optimizer = torch.optim.SGD(feedback_block.parameters(), lr=0.0)
+        x = torch.randn((cfg["batch_size"], *network.block_input_shapes[i]), device=device)
+        generator = torch.Generator(device=device).manual_seed(0)
+
+        def run(iterations: int) -> None:
+            train_feedback_block(forward_block, feedback_block, optimizer, x, iterations, fb["noise"][i - 1],
+                                 fb["samples"], generator)
+            _sync(device)
+
+        run(1)  # warm-up: allocator and kernel selection
+        t0 = time.perf_counter()
+        run(repeats)
+        costs.append(fb["iterations"][i - 1] * (time.perf_counter() - t0) / repeats)
+    return costs
 
 
 def assign_blocks(costs: list[float], world_size: int) -> list[int]:
@@ -125,9 +123,10 @@ def format_assignment(owners: list[int], costs: list[float], world_size: int) ->
     lines = []
     for rank in range(world_size):
         blocks = [i + 1 for i, r in enumerate(owners) if r == rank]
-        share = sum(costs[i - 1] for i in blocks) / total
+        load = sum(costs[i - 1] for i in blocks)
         role = "leader" if rank == LEADER else "worker"
-        lines.append(f"rank {rank} ({role}): blocks {blocks or '-'}, {share:.0%} of estimated feedback cost")
+        lines.append(f"rank {rank} ({role}): blocks {blocks or '-'}, {load / total:.0%} of the measured "
+                     f"feedback cost ({load:.3f} s per step)")
     return "\n".join(lines)
 
 
