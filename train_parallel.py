@@ -8,10 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from contextlib import nullcontext
-from functools import partial
 
-import torch
 import torch.distributed as dist
 from accelerate.utils import set_seed
 
@@ -22,7 +19,7 @@ from dtp.models import DTPNetwork
 from dtp.parallel import (
     DistributedFeedback, assign_blocks, format_assignment, init_distributed, measure_feedback_costs, run_worker,
 )
-from dtp.trainer import Runtime, make_feedback_optimizers, run_training
+from dtp.trainer import Runtime, autocast_for, make_feedback_optimizers, run_training
 
 
 def main() -> None:
@@ -54,9 +51,7 @@ def main() -> None:
         raise setup[0]
     cfg, input_shape, num_classes, owners = setup[0]
     set_seed(cfg["seed"])
-    autocast = (partial(torch.autocast, ctx.device.type, dtype=torch.bfloat16)
-                if cfg["mixed_precision"] == "bf16" else nullcontext)
-    runtime = Runtime(device=ctx.device, autocast=autocast)
+    runtime = Runtime(device=ctx.device, autocast=autocast_for(ctx.device, cfg["mixed_precision"]))
     if not ctx.is_leader:
         network = DTPNetwork(cfg["model"], input_shape, num_classes, cfg["seed"])
     network.to(ctx.device)

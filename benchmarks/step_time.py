@@ -17,8 +17,6 @@ import resource
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dtp.algorithm import noise_generator, weight_alignment  # noqa: E402
 from dtp.config import DEFAULTS, merge  # noqa: E402
 from dtp.models import DTPNetwork  # noqa: E402
-from dtp.trainer import Runtime, build_forward_optimizer, make_feedback_optimizers, train_blocks, train_step  # noqa: E402
+from dtp.trainer import (  # noqa: E402
+    Runtime, autocast_for, build_forward_optimizer, make_feedback_optimizers, train_blocks, train_step,
+)
 
 
 def naive_train_block(network, optimizer, i, x, iterations, sigma, generator):
@@ -79,7 +79,7 @@ class TimedFeedback:
 
 def time_sequential(cfg, steps: int, warmup: int, naive: bool, channels_last: bool, bf16: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    runtime = Runtime(device, partial(torch.autocast, device.type, dtype=torch.bfloat16) if bf16 else nullcontext)
+    runtime = Runtime(device, autocast_for(device, "bf16" if bf16 else "no"))
     network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"]).to(device)
     if channels_last:
         network = network.to(memory_format=torch.channels_last)

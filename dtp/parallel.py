@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.tensorboard import SummaryWriter
 
@@ -153,6 +153,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _train_timed(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict[str, Any], i: int,
+                 block_inputs: list[Tensor], step: int, runtime: Runtime) -> tuple[Tensor, float]:
+    """Train feedback block i as the sequential trainer does; return its mean loss and its seconds."""
+    t0 = time.perf_counter()
+    loss = train_blocks(network, optimizers, cfg, [i], block_inputs, step, runtime)[i]
+    _sync(runtime.device)
+    return loss, time.perf_counter() - t0
+
+
 # Per-step report a worker sends back: compute, communication and waiting seconds.
 TIMING_FIELDS = ("compute", "comm", "wait")
 # Appended to each block's state vector: its mean loss and its training seconds.
@@ -219,10 +228,8 @@ class DistributedFeedback:
         losses: dict[int, Tensor] = {}
         block_s = [0.0] * self.network.n_feedback
         for i in self.own_blocks:
-            t0 = time.perf_counter()
-            losses.update(train_blocks(self.network, self.optimizers, self.cfg, [i], block_inputs, step, self.runtime))
-            _sync(device)
-            block_s[i - 1] = time.perf_counter() - t0
+            losses[i], block_s[i - 1] = _train_timed(self.network, self.optimizers, self.cfg, i, block_inputs, step,
+                                                     self.runtime)
         wait0 = time.perf_counter()
         for work in pending:
             work.wait()
@@ -314,13 +321,11 @@ def run_worker(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict
         compute0 = time.perf_counter()
         outgoing = []
         for i in mine:
-            b0 = time.perf_counter()
             with torch.no_grad():
                 vector_to_parameters(fwd_vecs[i], list(network.forward_blocks[i].parameters()))
-            loss = train_blocks(network, optimizers, cfg, [i], inputs, step, runtime)[i]
-            _sync(device)
-            seconds = torch.tensor([loss.item(), time.perf_counter() - b0], device=device)
-            outgoing.append(torch.cat([_state_vector(network, optimizers[i - 1], i), seconds]))
+            loss, seconds = _train_timed(network, optimizers, cfg, i, inputs, step, runtime)
+            extra = torch.tensor([loss.item(), seconds], device=device)
+            outgoing.append(torch.cat([_state_vector(network, optimizers[i - 1], i), extra]))
         compute = time.perf_counter() - compute0
         comm0 = time.perf_counter()
         sends = [dist.isend(vec, LEADER) for vec in outgoing]

@@ -12,6 +12,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,6 +45,13 @@ class Runtime:
 
     device: torch.device
     autocast: Autocast = nullcontext
+
+
+def autocast_for(device: torch.device, mixed_precision: str) -> Autocast:
+    """bf16 autocast on `device`, or none; what Accelerate provides to the sequential script."""
+    if mixed_precision == "bf16":
+        return partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    return nullcontext
 
 
 class FeedbackPhase(Protocol):
