@@ -117,8 +117,13 @@ def parallel_worker(args, cfg) -> None:
     runtime = Runtime(ctx.device)
     network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"]).to(ctx.device)
     optimizers = make_feedback_optimizers(network, cfg)
-    costs = measure_feedback_costs(network, cfg, ctx.device)
-    owners = assign_blocks(costs, ctx.world_size)
+    # Measured costs differ between ranks, so the leader decides the assignment and tells the others.
+    plan: list = [None]
+    if ctx.is_leader:
+        costs = measure_feedback_costs(network, cfg, ctx.device)
+        plan = [(costs, assign_blocks(costs, ctx.world_size))]
+    torch.distributed.broadcast_object_list(plan, src=0)
+    costs, owners = plan[0]
     if not ctx.is_leader:
         run_worker(network, optimizers, cfg, runtime, ctx, owners)
         return
