@@ -2,9 +2,11 @@
 
     torchrun --standalone --nproc_per_node=3 train_parallel.py --config configs/smoke.yaml --out runs/smoke-p3
     torchrun --nproc_per_node=6 train_parallel.py --dataset cifar10
+    torchrun --nnodes=2 --nproc_per_node=6 ... train_parallel.py --dataset cifar10 --replicas 2
 """
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -12,63 +14,96 @@ import sys
 import torch.distributed as dist
 from accelerate.utils import set_seed
 
+from dtp.algorithm import NOISE_CHUNK_ROWS
 from dtp.cli import build_network, build_parser, exit_on_user_error, load_data, resolve_run
 from dtp.config import to_yaml
 from dtp.errors import UserError
 from dtp.models import DTPNetwork
 from dtp.parallel import (
-    DistributedFeedback, assign_blocks, format_assignment, init_distributed, measure_feedback_costs, run_worker,
+    DistributedFeedback, Layout, format_plan, init_distributed, max_pieces, measure_feedback_costs, plan_feedback,
+    run_worker,
 )
 from dtp.trainer import Runtime, autocast_for, make_feedback_optimizers, run_training
 
 
+def parse_split(value: str) -> str | list[int]:
+    if value in ("auto", "none"):
+        return value
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, none or part counts like 2,1,1,1,1, got {value!r}") from None
+
+
 def main() -> None:
     parser = build_parser(__doc__.splitlines()[0])
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="data-parallel copies of the layer-parallel group; WORLD_SIZE must be a multiple")
+    parser.add_argument("--split", type=parse_split, default="auto",
+                        help="split heavy feedback blocks' rows over several ranks: auto (by measured cost), none, "
+                             "or parts per block within a group, e.g. 2,1,1,1,1")
     parser.add_argument("--timeout-s", type=float, default=1800.0,
                         help="seconds a rank waits on a peer before the job fails (collective timeout)")
     args = parser.parse_args()
     ctx = init_distributed(args.timeout_s)
-    # The leader resolves everything (it alone reads checkpoints and data) and tells the workers.
-    # A setup error is broadcast too, so workers exit quietly instead of failing on a closed connection.
+    # Rank 0 resolves everything (it alone reads checkpoints) and tells the other ranks; a setup error
+    # is broadcast too, so they exit quietly instead of failing on a closed connection.
     setup: list = [None]
     if ctx.is_leader:
         try:
+            if args.replicas < 1 or ctx.world_size % args.replicas:
+                raise UserError(f"--replicas {args.replicas} does not divide the {ctx.world_size} ranks started; "
+                                f"start a multiple of {args.replicas} ranks (--nnodes × --nproc_per_node)")
+            group_size = ctx.world_size // args.replicas
             run = resolve_run(args)
-            if run.cfg["algorithm"] == "bp":
+            cfg = run.cfg
+            if cfg["algorithm"] == "bp":
                 raise UserError("--algorithm bp has no feedback phase to parallelise; use train_sequential.py")
-            data = load_data(run.cfg)
-            network = build_network(run.cfg, data)
-            costs = measure_feedback_costs(network, run.cfg, ctx.device)
-            owners = assign_blocks(costs, ctx.world_size)
+            if args.replicas > -(-cfg["batch_size"] // NOISE_CHUNK_ROWS):
+                raise UserError(f"--replicas {args.replicas} is more than a batch of {cfg['batch_size']} has "
+                                f"{NOISE_CHUNK_ROWS}-row chunks to share; use fewer replicas or a larger batch")
+            data = load_data(cfg)
+            network = build_network(cfg, data)
+            costs = measure_feedback_costs(network, cfg, ctx.device, args.replicas,
+                                           max_pieces(cfg["batch_size"], args.replicas, group_size))
+            plan = plan_feedback(costs, group_size, args.split)
         except UserError as exc:
             dist.broadcast_object_list([exc], src=0)
             raise
-        setup = [(run.cfg, data.input_shape, data.num_classes, owners)]
-        print(to_yaml(run.cfg), end="")
-        print(format_assignment(owners, costs, ctx.world_size), flush=True)
+        # Other replica leaders start from the same state: they get the checkpoint, not the file.
+        resume_state = run.resume_state if args.replicas > 1 else None
+        setup = [(cfg, data.input_shape, data.num_classes, plan, costs, resume_state)]
+        print(to_yaml(cfg), end="")
+        print(f"{args.replicas} replica(s) of {group_size} rank(s)\n{format_plan(plan, costs, group_size)}", flush=True)
     dist.broadcast_object_list(setup, src=0)
     if isinstance(setup[0], UserError):
         raise setup[0]
-    cfg, input_shape, num_classes, owners = setup[0]
+    cfg, input_shape, num_classes, plan, costs, resume_state = setup[0]
     set_seed(cfg["seed"])
     runtime = Runtime(device=ctx.device, autocast=autocast_for(ctx.device, cfg["mixed_precision"]))
+    layout = Layout(ctx, args.replicas, plan)
     if not ctx.is_leader:
         network = DTPNetwork(cfg["model"], input_shape, num_classes, cfg["seed"])
+        if layout.is_replica_leader:
+            data = load_data(cfg)
     network.to(ctx.device)
     optimizers = make_feedback_optimizers(network, cfg)
-    if not ctx.is_leader:
-        # Only the leader acts on SIGUSR1 (it checkpoints and then releases the workers).
+    if not layout.is_replica_leader:
+        # Only leaders act on SIGUSR1 (they checkpoint and then release the workers).
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        run_worker(network, optimizers, cfg, runtime, ctx, owners)
+        run_worker(network, optimizers, cfg, runtime, layout)
     else:
-        feedback = DistributedFeedback(network, optimizers, cfg, runtime, ctx, owners, costs)
+        feedback = DistributedFeedback(network, optimizers, cfg, runtime, layout, costs)
+        out_dir = None
+        if ctx.is_leader:
+            out_dir, resume_state = run.out_dir, run.resume_state
         try:
-            summary = run_training(
-                cfg, data, network, optimizers, feedback, runtime, run.out_dir, run.max_steps, run.resume_state
-            )
+            summary = run_training(cfg, data, network, optimizers, feedback, runtime, out_dir, args.max_steps,
+                                   resume_state, layout.data_replica())
         finally:
             feedback.close()
-        report(summary, run.out_dir)
+        if ctx.is_leader:
+            report(summary, run.out_dir)
     # On an error no teardown is attempted: torchrun ends the other ranks when this one exits non-zero.
     # Every rank is done communicating before any tears the group down, so no rank's gloo
     # connections close under a peer still using them.

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -26,9 +25,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dtp.algorithm import noise_generator, weight_alignment  # noqa: E402
 from dtp.config import DEFAULTS, merge  # noqa: E402
 from dtp.models import DTPNetwork  # noqa: E402
+from dtp.parallel import (  # noqa: E402
+    DistributedFeedback, Layout, format_plan, init_distributed, max_pieces, measure_feedback_costs, peak_rss_mib,
+    plan_feedback, run_worker,
+)
 from dtp.trainer import (  # noqa: E402
     Runtime, autocast_for, build_forward_optimizer, make_feedback_optimizers, train_blocks, train_step,
 )
+
+
+def split_bounds(cfg, ranks: int, non_feedback_s: float) -> dict:
+    """Cost-model speed-up bounds for `ranks` ranks with and without block splitting, from costs measured here."""
+    network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"])
+    costs = measure_feedback_costs(network, cfg, torch.device("cpu"), 1, max_pieces(cfg["batch_size"], 1, ranks))
+    sequential = sum(costs[1]) + non_feedback_s
+    result = {"ranks": ranks, "block_cost_s_by_parts": {str(m): c for m, c in costs.items()}}
+    for split in ("none", "auto"):
+        plan = plan_feedback(costs, ranks, split)
+        result[f"split_{split}"] = {"pieces": plan.pieces, "feedback_s": plan.makespan,
+                                    "speedup_bound": sequential / (plan.makespan + non_feedback_s)}
+    return result
 
 
 def naive_train_block(network, optimizer, i, x, iterations, sigma, generator):
@@ -58,13 +74,13 @@ class TimedFeedback:
         self.network, self.optimizers, self.cfg, self.runtime, self.naive = network, optimizers, cfg, runtime, naive
         self.block_s = [0.0] * network.n_feedback
 
-    def train(self, block_inputs, step):
+    def train(self, block_inputs, step, batch_total):
         losses = []
         fb = self.cfg["feedback"]
         for i in range(1, self.network.n_feedback + 1):
             t0 = time.perf_counter()
             if self.naive:
-                gen = noise_generator(self.cfg["seed"], i, step, self.runtime.device)
+                gen = noise_generator(self.cfg["seed"], i, step, 0, self.runtime.device)
                 naive_train_block(self.network, self.optimizers[i - 1], i, block_inputs[i - 1],
                                   fb["iterations"][i - 1], fb["noise"][i - 1], gen)
                 losses.append(torch.zeros(()))
@@ -109,26 +125,25 @@ def time_sequential(cfg, steps: int, warmup: int, naive: bool, channels_last: bo
 
 def parallel_worker(args, cfg) -> None:
     """One rank of `--parallel P`: the leader runs timed steps, the others run the ordinary worker loop."""
-    from dtp.parallel import (
-        DistributedFeedback, assign_blocks, init_distributed, measure_feedback_costs, run_worker,
-    )
-
     ctx = init_distributed(600)
     runtime = Runtime(ctx.device)
     network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"]).to(ctx.device)
     optimizers = make_feedback_optimizers(network, cfg)
-    # Measured costs differ between ranks, so the leader decides the assignment and tells the others.
-    plan: list = [None]
+    # Measured costs differ between ranks, so the leader decides the plan and tells the others.
+    setup: list = [None]
     if ctx.is_leader:
-        costs = measure_feedback_costs(network, cfg, ctx.device)
-        plan = [(costs, assign_blocks(costs, ctx.world_size))]
-    torch.distributed.broadcast_object_list(plan, src=0)
-    costs, owners = plan[0]
+        costs = measure_feedback_costs(network, cfg, ctx.device, 1, max_pieces(cfg["batch_size"], 1, ctx.world_size))
+        plan = plan_feedback(costs, ctx.world_size, args.split)
+        print(format_plan(plan, costs, ctx.world_size), file=sys.stderr)
+        setup = [(costs, plan)]
+    torch.distributed.broadcast_object_list(setup, src=0)
+    costs, plan = setup[0]
+    layout = Layout(ctx, 1, plan)
     if not ctx.is_leader:
-        run_worker(network, optimizers, cfg, runtime, ctx, owners)
+        run_worker(network, optimizers, cfg, runtime, layout)
         return
     forward_opt, _ = build_forward_optimizer(network, cfg)
-    phase = DistributedFeedback(network, optimizers, cfg, runtime, ctx, owners, costs)
+    phase = DistributedFeedback(network, optimizers, cfg, runtime, layout, costs)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(cfg["batch_size"], 3, 32, 32, generator=gen).to(ctx.device)
     y = torch.randint(0, 10, (cfg["batch_size"],), generator=gen).to(ctx.device)
@@ -137,7 +152,7 @@ def parallel_worker(args, cfg) -> None:
         train_step(network, forward_opt, phase, x, y, cfg, step, runtime)
     phase.close()
     par = phase.summary()["parallel"]
-    par["peak_rss_mib_leader"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    par["peak_rss_mib_leader"] = peak_rss_mib()
     par["images_per_s"] = cfg["batch_size"] / par["sec_per_step"]
     print(json.dumps(par))
 
@@ -149,6 +164,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--parallel", type=int, default=0, help="run under torchrun with this many ranks")
+    p.add_argument("--split", default="auto", help="with --parallel: auto, none or parts per block, e.g. 2,1,1,1,1")
+    p.add_argument("--bound-ranks", type=int, default=0,
+                   help="also report the cost-model bound for this many ranks with and without block splitting")
     p.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (the baseline runs in fp32)")
@@ -157,6 +175,8 @@ def main() -> None:
     args = p.parse_args()
     cfg = merge(DEFAULTS, {"batch_size": args.batch_size})
 
+    if args.split not in ("auto", "none"):
+        args.split = [int(v) for v in args.split.split(",")]
     if args.rank_worker:
         parallel_worker(args, cfg)
         return
@@ -164,7 +184,8 @@ def main() -> None:
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.parallel}",
                __file__, "--rank-worker", "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--batch-size", str(args.batch_size)]
+               "--batch-size", str(args.batch_size), "--split", ",".join(map(str, args.split))
+               if isinstance(args.split, list) else args.split]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             sys.exit(out.stderr[-3000:])
@@ -188,6 +209,14 @@ def main() -> None:
         result["baseline_sec_per_step"] = base["sec_per_step"]
         result["speedup_over_baseline"] = base["sec_per_step"] / ours["sec_per_step"]
         print(f"speed-up over the published structure: {result['speedup_over_baseline']:.2f}x")
+    if args.bound_ranks:
+        bounds = split_bounds(cfg, args.bound_ranks, ours["forward_update_s"])
+        for split in ("none", "auto"):
+            b = bounds[f"split_{split}"]
+            print(f"bound for {args.bound_ranks} ranks, split {split}: parts per block {b['pieces']}, feedback "
+                  f"{b['feedback_s']:.3f} s/step, speed-up bound {b['speedup_bound']:.2f}x")
+        result["bounds"] = bounds
+    result["peak_rss_mib"] = peak_rss_mib()
     if args.json:
         print(json.dumps(result))
 

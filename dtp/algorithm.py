@@ -16,16 +16,48 @@ from dtp.models import FeedbackBlock, ForwardBlock, Indices, parametric_layers
 from dtp.seeding import seeded_generator
 
 Autocast = Callable[[], AbstractContextManager]
+AllReduce = Callable[[list[Tensor]], None]  # sums tensors in place over the processes sharing a block
 FEEDBACK_NOISE_STREAM = 1
 
 
-def noise_generator(seed: int, block: int, step: int, device: torch.device) -> torch.Generator:
-    """The generator block `block` draws its feedback noise from at training step `step`.
+NOISE_CHUNK_ROWS = 8
 
-    It depends on nothing but (run seed, block, step), so the order in which blocks are trained, the
-    rank that trains them and whether the run was resumed never change the noise (DESIGN.md §6).
+
+def noise_generator(seed: int, block: int, step: int, chunk: int, device: torch.device) -> torch.Generator:
+    """The generator rows [8·chunk, 8·chunk + 8) of block `block`'s feedback noise come from at step `step`.
+
+    It depends on nothing but (run seed, block, step, chunk), so the order in which blocks are trained,
+    the rank that trains them, how the batch is split and whether the run was resumed never change the
+    noise (DESIGN.md §6).
     """
-    return seeded_generator(FEEDBACK_NOISE_STREAM, seed, block, step, device=device)
+    return seeded_generator(FEEDBACK_NOISE_STREAM, seed, block, step, chunk, device=device)
+
+
+class BlockNoise:
+    """Feedback noise of one block at one step, for rows [start, stop) of the full batch.
+
+    The full batch's noise is drawn in chunks of NOISE_CHUNK_ROWS rows, each from its own generator, and
+    every iteration draws dx then dy from each. A process training only some rows (a split block, a
+    data-parallel replica) draws exactly its rows of the full-batch noise and nothing else, so
+    splitting the batch never changes the math and costs no extra random numbers.
+    """
+
+    def __init__(self, seed: int, block: int, step: int, rows: slice, device: torch.device) -> None:
+        start, stop = rows.start, rows.stop
+        if start % NOISE_CHUNK_ROWS:
+            raise ValueError(f"noise rows must start on a multiple of {NOISE_CHUNK_ROWS}, got {start}")
+        self.chunks = [
+            (min(NOISE_CHUNK_ROWS, stop - first), noise_generator(seed, block, step, first // NOISE_CHUNK_ROWS, device))
+            for first in range(start, stop, NOISE_CHUNK_ROWS)
+        ]
+
+    def draw(self, samples: int, x: Tensor, y: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
+        """dx (K×rows×x-shape) and dy (K×rows×y-shape) for the next iteration, scaled by sigma."""
+        dx, dy = [], []
+        for rows, gen in self.chunks:
+            dx.append(torch.randn((samples, rows, *x.shape[1:]), generator=gen, device=x.device, dtype=x.dtype))
+            dy.append(torch.randn((samples, rows, *y.shape[1:]), generator=gen, device=y.device, dtype=y.dtype))
+        return sigma * torch.cat(dx, 1), sigma * torch.cat(dy, 1)
 
 
 def _sum_per_sample(t: Tensor) -> Tensor:
@@ -40,8 +72,12 @@ def feedback_loss(
     indices: Indices,
     dx: Tensor,
     dy: Tensor,
+    batch_total: int | None = None,
 ) -> Tensor:
     """L-DRL for one block with given noise dx (K×B×x-shape) and dy (K×B×y-shape), mean over K and batch.
+
+    x may be some rows of a batch of `batch_total` rows (default: all of it): the loss is then this
+    part's share of the full-batch mean, and the parts' gradients sum to the full-batch gradient.
 
     y = F(x) and its pooling indices are known from the forward pass and are not recomputed. Only the
     differences dr = G(F(x+dx)) − G(y) and dr_y = G(y+dy) − G(y) enter the loss, and G's parametric
@@ -59,7 +95,7 @@ def feedback_loss(
     dr = feedback_block.tail_difference(delta_x).unflatten(0, (k, b))
     dr_y = feedback_block.tail_difference(delta_y).unflatten(0, (k, b))
     loss = -2.0 * _sum_per_sample(dx * dr) + _sum_per_sample(dr_y.square())
-    return loss.mean()
+    return loss.sum() / (k * (batch_total or b))
 
 
 def train_feedback_block(
@@ -70,23 +106,33 @@ def train_feedback_block(
     iterations: int,
     sigma: float,
     samples: int,
-    generator: torch.Generator,
+    noise: BlockNoise,
     autocast: Autocast = nullcontext,
+    batch_total: int | None = None,
+    all_reduce: AllReduce | None = None,
 ) -> Tensor:
-    """k_i SGD steps on L_i for one block; returns the mean loss over the iterations (a tensor: no host sync)."""
+    """k_i SGD steps on L_i for one block; returns the mean loss over the iterations (a tensor: no host sync).
+
+    When x is this process's rows of a split batch, `all_reduce` sums the parts' gradients every
+    iteration (and the loss at the end), so every part takes the full-batch step.
+    """
     x = x.detach()
     with torch.no_grad(), autocast():
         y, indices = forward_block(x)
     total = torch.zeros((), device=x.device)
+    params = [p for p in feedback_block.parameters() if p.requires_grad]
     for _ in range(iterations):
-        dx = sigma * torch.randn((samples, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
-        dy = sigma * torch.randn((samples, *y.shape), generator=generator, device=y.device, dtype=y.dtype)
+        dx, dy = noise.draw(samples, x, y, sigma)
         with autocast():
-            loss = feedback_loss(forward_block, feedback_block, x, y, indices, dx, dy)
+            loss = feedback_loss(forward_block, feedback_block, x, y, indices, dx, dy, batch_total)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if all_reduce is not None:
+            all_reduce([p.grad for p in params if p.grad is not None])
         optimizer.step()
         total += loss.detach().float()
+    if all_reduce is not None:
+        all_reduce([total])
     return total / iterations
 
 
@@ -134,9 +180,13 @@ def propagate_targets(
     return targets
 
 
-def forward_losses(outputs: list[Tensor], targets: list[Tensor]) -> list[Tensor]:
-    """Per-block 0.5 · mean over batch of Σ (h_i − t_i)²; their sum is L_F."""
-    return [0.5 * (h - t).flatten(1).square().sum(1).mean() for h, t in zip(outputs, targets)]
+def forward_losses(outputs: list[Tensor], targets: list[Tensor], batch_total: int | None = None) -> list[Tensor]:
+    """Per-block 0.5 · mean over batch of Σ (h_i − t_i)²; their sum is L_F.
+
+    For some rows of a batch of `batch_total` rows, each is that part's share of the full-batch mean.
+    """
+    n = batch_total or outputs[0].shape[0]
+    return [0.5 * (h - t).flatten(1).square().sum() / n for h, t in zip(outputs, targets)]
 
 
 @torch.no_grad()

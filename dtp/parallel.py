@@ -1,18 +1,26 @@
 """Layer-parallel feedback training under torchrun (DESIGN.md §6): placement and communication only.
 
-Rank 0 (the leader) runs the ordinary training loop with a DistributedFeedback as its feedback phase.
-Every other rank runs `run_worker`: per step it receives the forward weights and input activations of
-the blocks it owns, trains them with the same `train_blocks` the sequential trainer uses, and sends the
-feedback weights and momentum buffers back point-to-point as flat tensors. The leader therefore always
-holds the complete state, so checkpoints, resume and a change of world size need nothing extra.
+The world is R data-parallel replicas of a G-rank layer-parallel group. Each group's leader runs the
+ordinary training loop on its replica's rows with a DistributedFeedback as its feedback phase; rank 0
+is also the main replica, which evaluates and writes. Every other rank runs `run_worker`: per step it
+receives the forward weights and input rows of the blocks it trains, trains them with the same
+`train_blocks` the sequential trainer uses, and its primary for each block sends the feedback weights
+and momentum buffers back point-to-point as flat tensors. A block may be split over several ranks
+(block splitting inside a group, and always across replicas): they take equal parts of the rows, draw
+their rows of the full-batch noise and sum gradients every iteration, so every part takes the
+full-batch step. The leaders therefore always hold the complete state: checkpoints, resume and a
+change of world size need nothing extra.
 """
 from __future__ import annotations
 
 import copy
+import math
 import os
+import resource
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import torch
@@ -21,10 +29,10 @@ from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.tensorboard import SummaryWriter
 
-from dtp.algorithm import train_feedback_block
+from dtp.algorithm import NOISE_CHUNK_ROWS, BlockNoise, train_feedback_block
 from dtp.errors import UserError
 from dtp.models import DTPNetwork
-from dtp.trainer import Runtime, train_blocks
+from dtp.trainer import BlockShard, Runtime, train_blocks
 
 CMD_STEP, CMD_STOP = 0, 1
 LEADER = 0
@@ -68,65 +76,153 @@ def init_distributed(timeout_s: float) -> DistContext:
     return DistContext(rank, world, local_rank, device, backend)
 
 
-def measure_feedback_costs(network: DTPNetwork, cfg: dict[str, Any], device: torch.device,
-                           repeats: int = 2) -> list[float]:
-    """Seconds one batch of feedback training takes per block: k_i × one timed iteration.
+def split_rows(rows: slice, parts: int, index: int) -> slice:
+    """Part `index` of `parts` of the batch rows `rows`, cut on noise-chunk boundaries (see BlockNoise)."""
+    chunks = math.ceil((rows.stop - rows.start) / NOISE_CHUNK_ROWS)
+    first, last = index * chunks // parts, (index + 1) * chunks // parts
+    return slice(rows.start + first * NOISE_CHUNK_ROWS, min(rows.start + last * NOISE_CHUNK_ROWS, rows.stop))
 
+
+def max_pieces(batch_size: int, replicas: int, group_size: int) -> int:
+    """How many parts a block's rows can be split into within one replica: non-empty, whole noise chunks."""
+    return max(1, min(group_size, math.ceil(batch_size / NOISE_CHUNK_ROWS) // replicas))
+
+
+def measure_feedback_costs(network: DTPNetwork, cfg: dict[str, Any], device: torch.device, replicas: int,
+                           pieces: int, repeats: int = 2) -> dict[int, list[float]]:
+    """Seconds one batch of feedback training takes per block when its rows are split m ways, m = 1..pieces.
+
+    costs[m][i−1] is k_i × one timed iteration of block i on the largest of m parts of a replica's rows.
     Timed on copies of the blocks with random input and lr 0, so the run's weights and noise streams
-    are untouched. Measuring beats counting FLOPs: memory-bound layers and small late blocks cost more
-    than their FLOPs suggest.
+    are untouched. Measuring beats counting FLOPs: memory-bound layers and small blocks or parts cost
+    more than their FLOPs suggest.
     """
     fb = cfg["feedback"]
-    costs = []
+    replica_rows = split_rows(slice(0, cfg["batch_size"]), replicas, 0)
+    costs: dict[int, list[float]] = {m: [] for m in range(1, pieces + 1)}
     for i in range(1, network.n_feedback + 1):
         forward_block = copy.deepcopy(network.forward_blocks[i]).to(device)
         feedback_block = copy.deepcopy(network.feedback_blocks[i]).to(device)
         optimizer = torch.optim.SGD(feedback_block.parameters(), lr=0.0)
-        x = torch.randn((cfg["batch_size"], *network.block_input_shapes[i]), device=device)
-        generator = torch.Generator(device=device).manual_seed(0)
+        for m in costs:
+            rows = max(part.stop - part.start for part in (split_rows(replica_rows, m, j) for j in range(m)))
+            x = torch.randn((rows, *network.block_input_shapes[i]), device=device)
+            noise = BlockNoise(0, i, 0, slice(0, rows), device)
 
-        def run(iterations: int) -> None:
-            train_feedback_block(forward_block, feedback_block, optimizer, x, iterations, fb["noise"][i - 1],
-                                 fb["samples"], generator)
-            _sync(device)
+            def run(iterations: int) -> None:
+                train_feedback_block(forward_block, feedback_block, optimizer, x, iterations, fb["noise"][i - 1],
+                                     fb["samples"], noise)
+                _sync(device)
 
-        run(1)  # warm-up: allocator and kernel selection
-        t0 = time.perf_counter()
-        run(repeats)
-        costs.append(fb["iterations"][i - 1] * (time.perf_counter() - t0) / repeats)
+            run(1)  # warm-up: allocator and kernel selection
+            t0 = time.perf_counter()
+            run(repeats)
+            costs[m].append(fb["iterations"][i - 1] * (time.perf_counter() - t0) / repeats)
     return costs
 
 
-def assign_blocks(costs: list[float], world_size: int) -> list[int]:
-    """Owner rank of each feedback block (list index i−1 for G_i), balancing estimated cost.
+@dataclass(frozen=True)
+class FeedbackPlan:
+    """Which ranks of a layer-parallel group train which part of each feedback block, and in what order.
 
-    Longest-processing-time first: the most expensive unassigned block goes to the least loaded rank;
-    on a tie a worker is preferred, leaving the leader free for communication.
+    owners[i−1] lists the group-local ranks training block i; with several, each takes an equal part of
+    the rows (split_rows) and they sum gradients every iteration. Every rank trains its blocks in
+    `order`, so ranks sharing a block always meet at the same block and never wait on each other in a
+    cycle.
     """
-    n = len(costs)
-    if world_size > n + 1:
-        raise UserError(
-            f"{world_size} ranks were started but this network has only {n} trainable feedback blocks, so at "
-            f"most {n + 1} ranks are useful (a leader and one rank per block); use --nproc_per_node={n + 1} or fewer"
-        )
-    loads = [0.0] * world_size
-    owners = [0] * n
-    for i in sorted(range(n), key=lambda j: (-costs[j], j)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r == LEADER, r))
-        owners[i] = rank
-        loads[rank] += costs[i]
-    return owners
+
+    owners: tuple[tuple[int, ...], ...]
+    order: tuple[int, ...]
+    makespan: float
+
+    @property
+    def pieces(self) -> list[int]:
+        return [len(o) for o in self.owners]
+
+    def blocks_of(self, local_rank: int) -> list[int]:
+        return [i for i in self.order if local_rank in self.owners[i - 1]]
 
 
-def format_assignment(owners: list[int], costs: list[float], world_size: int) -> str:
-    total = sum(costs) or 1.0
+def schedule(pieces: list[int], costs: dict[int, list[float]], group_size: int) -> FeedbackPlan:
+    """Place each block's parts on the least busy ranks, most expensive block first; estimate the time.
+
+    A split block starts when all of its ranks are free (they step together); on a tie a worker is
+    preferred, leaving the leader free for communication.
+    """
+    order = sorted(range(1, len(pieces) + 1), key=lambda i: (-costs[1][i - 1], i))
+    ready = [0.0] * group_size
+    owners: list[tuple[int, ...]] = [()] * len(pieces)
+    for i in order:
+        m = pieces[i - 1]
+        ranks = sorted(sorted(range(group_size), key=lambda r: (ready[r], r == LEADER, r))[:m])
+        finish = max(ready[r] for r in ranks) + costs[m][i - 1]
+        for r in ranks:
+            ready[r] = finish
+        owners[i - 1] = tuple(ranks)
+    return FeedbackPlan(tuple(owners), tuple(order), max(ready))
+
+
+def _idle_workers(plan: FeedbackPlan, group_size: int) -> int:
+    return sum(1 for r in range(1, group_size) if not plan.blocks_of(r))
+
+
+def plan_feedback(costs: dict[int, list[float]], group_size: int, split: str | list[int]) -> FeedbackPlan:
+    """The plan for a group of `group_size` ranks: `split` is 'auto', 'none' or the parts per block.
+
+    'auto' starts from whole blocks and repeatedly takes the single change of one block's number of
+    parts that shortens the estimated time most, while it gains more than 1% (splitting adds a
+    gradient all-reduce per iteration that the measured costs do not include); idle workers are
+    removed first.
+    """
+    n, most = len(costs[1]), max(costs)
+    if split == "none" and group_size > n + 1:
+        raise UserError(f"{group_size} ranks per layer-parallel group but only {n} trainable feedback blocks, so "
+                        f"without splitting at most {n + 1} ranks are useful; use --split auto or fewer ranks")
+    if group_size > n * most + 1:
+        raise UserError(f"{group_size} ranks per layer-parallel group but at most {n * most + 1} are useful (a "
+                        f"leader and {most} parts for each of the {n} feedback blocks, as a part needs at least one "
+                        f"{NOISE_CHUNK_ROWS}-row noise chunk of the batch); use fewer ranks, more --replicas or a "
+                        f"larger batch")
+    if isinstance(split, list):
+        if len(split) != n or not all(1 <= m <= most for m in split):
+            raise UserError(f"--split needs {n} part counts, one per feedback block, each from 1 to {most}; "
+                            f"got {','.join(map(str, split))}")
+        plan = schedule(split, costs, group_size)
+        if _idle_workers(plan, group_size):
+            raise UserError(f"--split {','.join(map(str, split))} leaves {_idle_workers(plan, group_size)} of the "
+                            f"{group_size - 1} workers idle; give more parts or use fewer ranks")
+        return plan
+    plan = schedule([1] * n, costs, group_size)
+    if split == "none":
+        return plan
+    while True:
+        best = plan
+        for i in range(n):
+            for m in range(1, most + 1):
+                pieces = plan.pieces
+                pieces[i] = m
+                cand = schedule(pieces, costs, group_size)
+                key = (_idle_workers(cand, group_size), cand.makespan)
+                best_key = (_idle_workers(best, group_size), best.makespan * (0.99 if best is plan else 1.0))
+                if key < best_key:
+                    best = cand
+        if best is plan:
+            return plan
+        plan = best
+
+
+def format_plan(plan: FeedbackPlan, costs: dict[int, list[float]], group_size: int) -> str:
+    total = sum(costs[1]) or 1.0
     lines = []
-    for rank in range(world_size):
-        blocks = [i + 1 for i, r in enumerate(owners) if r == rank]
-        load = sum(costs[i - 1] for i in blocks)
+    for rank in range(group_size):
+        parts = [f"{i}" if len(plan.owners[i - 1]) == 1
+                 else f"{i} (part {plan.owners[i - 1].index(rank) + 1}/{len(plan.owners[i - 1])})"
+                 for i in plan.blocks_of(rank)]
+        load = sum(costs[len(plan.owners[i - 1])][i - 1] for i in plan.blocks_of(rank))
         role = "leader" if rank == LEADER else "worker"
-        lines.append(f"rank {rank} ({role}): blocks {blocks or '-'}, {load / total:.0%} of the measured "
-                     f"feedback cost ({load:.3f} s per step)")
+        lines.append(f"rank {rank} ({role}): blocks {', '.join(parts) or '-'}; {load:.3f} s per step, "
+                     f"{load / total:.0%} of one process's feedback time")
+    lines.append(f"estimated feedback time per step {plan.makespan:.3f} s against {total:.3f} s in one process")
     return "\n".join(lines)
 
 
@@ -148,29 +244,126 @@ def _state_size(network: DTPNetwork, i: int) -> int:
     return 2 * sum(p.numel() for p in network.feedback_blocks[i].parameters())
 
 
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def _all_reduce_flat(tensors: list[Tensor], group: dist.ProcessGroup | None) -> None:
+    """Sum tensors in place over `group` with one collective."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+@dataclass
+class Layout:
+    """Where this rank sits: R replicas of a G-rank layer-parallel group, rank = replica · G + local rank.
+
+    Replica r trains rows split_rows(batch, R, r) of every batch; inside it, block i is trained by the
+    group-local ranks plan.owners[i−1], each on an equal part of the replica's rows. The ranks training
+    block i in all replicas sum its gradients every iteration; the replica leaders sum forward
+    gradients. Process groups are created here, by every rank, in the same order.
+    """
+
+    ctx: DistContext
+    replicas: int
+    plan: FeedbackPlan
+
+    def __post_init__(self) -> None:
+        world = self.ctx.world_size
+        self.group_size = world // self.replicas
+        self.replica, self.local_rank = divmod(self.ctx.rank, self.group_size)
+        self.leader = self.replica * self.group_size
+        groups = {}
+        if self.replicas > 1:
+            for r in range(self.replicas):
+                groups[("replica", r)] = dist.new_group(list(range(r * self.group_size, (r + 1) * self.group_size)))
+            groups["leaders"] = dist.new_group([r * self.group_size for r in range(self.replicas)])
+        for i, owners in enumerate(self.plan.owners, start=1):
+            ranks = [r * self.group_size + o for r in range(self.replicas) for o in owners]
+            if len(ranks) > 1:
+                groups[("block", i)] = dist.new_group(ranks)
+        self.replica_group = groups.get(("replica", self.replica))
+        self.leaders_group = groups.get("leaders")
+        self.block_groups = {i: groups[("block", i)] for i in range(1, len(self.plan.owners) + 1)
+                             if ("block", i) in groups}
+
+    @property
+    def is_replica_leader(self) -> bool:
+        return self.local_rank == LEADER
+
+    def replica_rows(self, batch: int) -> slice:
+        return split_rows(slice(0, batch), self.replicas, self.replica)
+
+    def shard(self, i: int, local_rank: int, batch: int) -> BlockShard:
+        """The rows (of the full batch) that `local_rank` of this replica trains block i on."""
+        owners = self.plan.owners[i - 1]
+        rows = split_rows(self.replica_rows(batch), len(owners), owners.index(local_rank))
+        group = self.block_groups.get(i)
+        return BlockShard(rows, None if group is None else partial(_all_reduce_flat, group=group))
+
+    def local_rows(self, i: int, local_rank: int, batch: int) -> slice:
+        """The same rows, indexed within this replica's share of the batch."""
+        rows, start = self.shard(i, local_rank, batch).rows, self.replica_rows(batch).start
+        return slice(rows.start - start, rows.stop - start)
+
+    def primary(self, i: int) -> int:
+        """The rank of this replica that reports block i's trained state to the replica leader."""
+        return min(self.plan.owners[i - 1])
+
+    def workers(self) -> list[int]:
+        return list(range(1, self.group_size))
+
+    def data_replica(self) -> ReplicaGroup:
+        return ReplicaGroup(self)
+
+
+@dataclass
+class ReplicaGroup:
+    """The training loop's view of the replicas (trainer.DataReplica): its rows, and sums over leaders."""
+
+    layout: Layout
+
+    @property
+    def is_main(self) -> bool:
+        return self.layout.ctx.rank == LEADER
+
+    def rows(self, batch: int) -> slice:
+        return self.layout.replica_rows(batch)
+
+    def all_reduce(self, tensors: list[Tensor]) -> None:
+        if self.layout.replicas > 1 and tensors:
+            _all_reduce_flat(tensors, self.layout.leaders_group)
+
+
 def _train_timed(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict[str, Any], i: int,
-                 block_inputs: list[Tensor], step: int, runtime: Runtime) -> tuple[Tensor, float]:
-    """Train feedback block i as the sequential trainer does; return its mean loss and its seconds."""
+                 x: Tensor, step: int, runtime: Runtime, batch_total: int, shard: BlockShard) -> tuple[Tensor, float]:
+    """Train this rank's part of feedback block i as the sequential trainer does; return its loss and seconds."""
     t0 = time.perf_counter()
-    loss = train_blocks(network, optimizers, cfg, [i], block_inputs, step, runtime)[i]
+    inputs = [x if j == i else torch.empty(0) for j in range(1, network.n_feedback + 1)]
+    loss = train_blocks(network, optimizers, cfg, [i], inputs, step, runtime, batch_total, {i: shard})[i]
     _sync(runtime.device)
     return loss, time.perf_counter() - t0
 
 
-# Per-step report a worker sends back: compute, communication and waiting seconds.
-TIMING_FIELDS = ("compute", "comm", "wait")
+# Per-step report a worker sends back: compute, communication and waiting seconds, and its peak memory.
+TIMING_FIELDS = ("compute_s", "comm_s", "wait_s", "peak_rss_mib")
 # Appended to each block's state vector: its mean loss and its training seconds.
 BLOCK_EXTRA = 2
 
 
 @dataclass
 class StepTiming:
-    """What one step of the feedback phase cost, as seen by the leader."""
+    """What one step of the feedback phase cost, as seen by a replica leader."""
 
     block_s: list[float]
     leader_wait: float
@@ -182,59 +375,58 @@ class StepTiming:
 
 @dataclass
 class DistributedFeedback:
-    """The leader's feedback phase: ship block inputs out, train its own blocks, collect the rest."""
+    """A replica leader's feedback phase: ship block inputs out, train its own parts, collect the rest."""
 
     network: DTPNetwork
     optimizers: list[torch.optim.SGD]
     cfg: dict[str, Any]
     runtime: Runtime
-    ctx: DistContext
-    owners: list[int]
-    costs: list[float]
+    layout: Layout
+    costs: dict[int, list[float]]
     started: bool = False
     history: list[tuple[float, StepTiming]] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        n = self.network.n_feedback
-        self.worker_blocks = [i for i in range(1, n + 1) if self.owners[i - 1] != LEADER]
-        self.own_blocks = [i for i in range(1, n + 1) if self.owners[i - 1] == LEADER]
-        self.workers = sorted({self.owners[i - 1] for i in self.worker_blocks})
-
     def _send_initial_state(self) -> None:
-        for i in self.worker_blocks:
-            dist.send(_state_vector(self.network, self.optimizers[i - 1], i).contiguous(), self.owners[i - 1])
+        for r in self.layout.workers():
+            for i in self.layout.plan.blocks_of(r):
+                vec = _state_vector(self.network, self.optimizers[i - 1], i).contiguous()
+                dist.send(vec, self.layout.leader + r)
 
-    def train(self, block_inputs: list[Tensor], step: int) -> list[Tensor]:
+    def train(self, block_inputs: list[Tensor], step: int, batch_total: int) -> list[Tensor]:
         entry = time.perf_counter()
         if self.history:
             self.history[-1][1].wall = entry - self.history[-1][0]
-        device = self.ctx.device
-        dist.broadcast(torch.tensor([CMD_STEP, step, block_inputs[0].shape[0]], device=device), LEADER)
+        layout, device, plan = self.layout, self.runtime.device, self.layout.plan
+        control = torch.tensor([CMD_STEP, step, batch_total], device=device)
+        dist.broadcast(control, layout.leader, group=layout.replica_group)
         if not self.started:
             self._send_initial_state()
             self.started = True
         pending = []
-        for i in self.worker_blocks:
-            owner = self.owners[i - 1]
-            fwd = parameters_to_vector(self.network.forward_blocks[i].parameters()).detach()
-            pending.append(dist.isend(fwd, owner))
-            pending.append(dist.isend(block_inputs[i - 1].contiguous(), owner))
-        states = {i: torch.empty(_state_size(self.network, i) + BLOCK_EXTRA, device=device) for i in self.worker_blocks}
-        timings = {r: torch.empty(len(TIMING_FIELDS), dtype=torch.float64, device=device) for r in self.workers}
-        for i in self.worker_blocks:
-            pending.append(dist.irecv(states[i], self.owners[i - 1]))
-        for r in self.workers:
-            pending.append(dist.irecv(timings[r], r))
+        for r in layout.workers():
+            for i in plan.blocks_of(r):
+                fwd = parameters_to_vector(self.network.forward_blocks[i].parameters()).detach()
+                rows = layout.local_rows(i, r, batch_total)
+                pending.append(dist.isend(fwd, layout.leader + r))
+                pending.append(dist.isend(block_inputs[i - 1][rows].contiguous(), layout.leader + r))
+        reported = [i for i in plan.order if layout.primary(i) != LEADER]
+        states = {i: torch.empty(_state_size(self.network, i) + BLOCK_EXTRA, device=device) for i in reported}
+        timings = {r: torch.empty(len(TIMING_FIELDS), dtype=torch.float64, device=device) for r in layout.workers()}
+        for i in reported:
+            pending.append(dist.irecv(states[i], layout.leader + layout.primary(i)))
+        for r, t in timings.items():
+            pending.append(dist.irecv(t, layout.leader + r))
         losses: dict[int, Tensor] = {}
         block_s = [0.0] * self.network.n_feedback
-        for i in self.own_blocks:
-            losses[i], block_s[i - 1] = _train_timed(self.network, self.optimizers, self.cfg, i, block_inputs, step,
-                                                     self.runtime)
+        for i in plan.blocks_of(LEADER):
+            x = block_inputs[i - 1][layout.local_rows(i, LEADER, batch_total)]
+            losses[i], block_s[i - 1] = _train_timed(self.network, self.optimizers, self.cfg, i, x, step,
+                                                     self.runtime, batch_total, layout.shard(i, LEADER, batch_total))
         wait0 = time.perf_counter()
         for work in pending:
             work.wait()
         wait = time.perf_counter() - wait0
-        for i in self.worker_blocks:
+        for i in reported:
             vec = states[i]
             _load_state_vector(self.network, self.optimizers[i - 1], i, vec[:-BLOCK_EXTRA])
             losses[i] = vec[-2]
@@ -246,75 +438,84 @@ class DistributedFeedback:
 
     def log(self, writer: SummaryWriter, step: int) -> None:
         if step <= self.cfg["log"]["every"]:
-            writer.add_text("parallel/assignment", format_assignment(self.owners, self.costs, self.ctx.world_size), step)
+            writer.add_text("parallel/plan", format_plan(self.layout.plan, self.costs, self.layout.group_size), step)
         last = self.history[-1][1]
         writer.add_scalar("parallel/rank0_wait_s", last.leader_wait, step)
         for r, values in last.ranks.items():
             for name, value in zip(TIMING_FIELDS, values):
-                writer.add_scalar(f"parallel/rank{r}_{name}_s", value, step)
+                writer.add_scalar(f"parallel/rank{r}_{name}", value, step)
 
     def summary(self) -> dict[str, Any]:
-        """Parallel efficiency and the cost-model bound (DESIGN.md §6) from measured per-block times.
+        """Parallel efficiency and the cost-model bound (DESIGN.md §6) of one layer-parallel group.
 
-        Averages skip the first step (warm-up) and need the wall time of a step, known when the next
-        step starts; with fewer than three steps every step with a known wall time is used.
+        Per-block times are measured in the run; a split block's part time is scaled to a whole block
+        with the start-up measurement's ratio. The bound is the plan's schedule of those times plus the
+        leader's non-feedback time. Averages skip the first step (warm-up) and need the wall time of a
+        step, known when the next step starts; with fewer than three steps every timed step is used.
         """
         timed = [t for _, t in self.history if t.wall is not None]
         steps = timed[1:] or timed
-        world = self.ctx.world_size
-        result: dict[str, Any] = {"world_size": world,
-                                  "owners": {f"block{i + 1}": r for i, r in enumerate(self.owners)}}
+        layout, plan = self.layout, self.layout.plan
+        result: dict[str, Any] = {
+            "world_size": layout.ctx.world_size, "replicas": layout.replicas, "group_size": layout.group_size,
+            "owners": {f"block{i}": list(o) for i, o in enumerate(plan.owners, start=1)},
+        }
         if not steps:
             return {"parallel": result}
         n = len(steps)
         wall = sum(t.wall for t in steps) / n
-        block_s = [sum(t.block_s[i] for t in steps) / n for i in range(self.network.n_feedback)]
+        part_s = [sum(t.block_s[i] for t in steps) / n for i in range(self.network.n_feedback)]
+        whole_s = [p * self.costs[1][i] / self.costs[m][i] for i, (p, m) in enumerate(zip(part_s, plan.pieces))]
         rest = max(wall - sum(t.phase for t in steps) / n, 0.0)  # forward pass, targets, update, data, logging
-        rank_load = [sum(b for b, owner in zip(block_s, self.owners) if owner == r) for r in range(world)]
-        sequential_estimate = sum(block_s) + rest
+        in_run = {m: [p if plan.pieces[i] == m else w for i, (p, w) in enumerate(zip(part_s, whole_s))]
+                  for m in set(plan.pieces) | {1}}
+        sequential_estimate = sum(whole_s) + rest
         leader_busy = wall - sum(t.leader_wait for t in steps) / n
         busy = leader_busy + sum(t.worker_busy for t in steps) / n
         result.update({
             "sec_per_step": wall,
-            "block_feedback_s": block_s,
+            "block_feedback_s": part_s,
+            "block_pieces": plan.pieces,
             "leader_non_feedback_s": rest,
-            "efficiency": busy / (world * wall),
-            "speedup_bound": sequential_estimate / (max(rank_load) + rest),
+            "efficiency": busy / (layout.group_size * wall),
+            "speedup_bound": sequential_estimate / (schedule(plan.pieces, in_run, layout.group_size).makespan + rest),
             "speedup_estimate": sequential_estimate / wall,
+            "peak_rss_mib": {str(layout.ctx.rank): peak_rss_mib(),
+                             **{str(layout.leader + r): v[3] for r, v in steps[-1].ranks.items()}},
         })
         return {"parallel": result}
 
     def close(self) -> None:
-        dist.broadcast(torch.tensor([CMD_STOP, 0, 0], device=self.ctx.device), LEADER)
+        stop = torch.tensor([CMD_STOP, 0, 0], device=self.runtime.device)
+        dist.broadcast(stop, self.layout.leader, group=self.layout.replica_group)
 
 
 def run_worker(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict[str, Any], runtime: Runtime,
-               ctx: DistContext, owners: list[int]) -> None:
-    """A non-leader rank: train the owned feedback blocks each step until the leader says stop."""
-    device = ctx.device
-    mine = [i for i in range(1, network.n_feedback + 1) if owners[i - 1] == ctx.rank]
+               layout: Layout) -> None:
+    """A non-leader rank: train its parts of its feedback blocks each step until its leader says stop."""
+    device, me, leader = runtime.device, layout.local_rank, layout.leader
+    mine = layout.plan.blocks_of(me)
     control = torch.zeros(3, dtype=torch.int64, device=device)
     started = False
     while True:
         t0 = time.perf_counter()
-        dist.broadcast(control, LEADER)
+        dist.broadcast(control, leader, group=layout.replica_group)
         cmd, step, batch = control.tolist()
         if cmd == CMD_STOP:
             return
         if not started:
             for i in mine:
                 vec = torch.empty(_state_size(network, i), device=device)
-                dist.recv(vec, LEADER)
+                dist.recv(vec, leader)
                 _load_state_vector(network, optimizers[i - 1], i, vec)
             started = True
-        inputs: list[Tensor] = [torch.empty(0, device=device)] * network.n_feedback
-        fwd_vecs = {}
-        pending = []
+        inputs, fwd_vecs, pending = {}, {}, []
         for i in mine:
+            rows = layout.local_rows(i, me, batch)
             fwd_vecs[i] = torch.empty(sum(p.numel() for p in network.forward_blocks[i].parameters()), device=device)
-            inputs[i - 1] = torch.empty((batch, *network.block_input_shapes[i]), device=device)
-            pending.append(dist.irecv(fwd_vecs[i], LEADER))
-            pending.append(dist.irecv(inputs[i - 1], LEADER))
+            inputs[i] = torch.empty((rows.stop - rows.start, *network.block_input_shapes[i]), device=device)
+            pending.append(dist.irecv(fwd_vecs[i], leader))
+            pending.append(dist.irecv(inputs[i], leader))
         for work in pending:
             work.wait()
         wait = time.perf_counter() - t0
@@ -323,14 +524,16 @@ def run_worker(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict
         for i in mine:
             with torch.no_grad():
                 vector_to_parameters(fwd_vecs[i], list(network.forward_blocks[i].parameters()))
-            loss, seconds = _train_timed(network, optimizers, cfg, i, inputs, step, runtime)
-            extra = torch.tensor([loss.item(), seconds], device=device)
-            outgoing.append(torch.cat([_state_vector(network, optimizers[i - 1], i), extra]))
+            loss, seconds = _train_timed(network, optimizers, cfg, i, inputs[i], step, runtime, batch,
+                                         layout.shard(i, me, batch))
+            if layout.primary(i) == me:
+                extra = torch.tensor([loss.item(), seconds], device=device)
+                outgoing.append(torch.cat([_state_vector(network, optimizers[i - 1], i), extra]))
         compute = time.perf_counter() - compute0
         comm0 = time.perf_counter()
-        sends = [dist.isend(vec, LEADER) for vec in outgoing]
+        sends = [dist.isend(vec, leader) for vec in outgoing]
         for work in sends:
             work.wait()
         comm = time.perf_counter() - comm0
-        timing = torch.tensor([compute, comm, wait], dtype=torch.float64, device=device)
-        dist.send(timing, LEADER)
+        timing = torch.tensor([compute, comm, wait, peak_rss_mib()], dtype=torch.float64, device=device)
+        dist.send(timing, leader)

@@ -24,10 +24,11 @@ from tqdm import tqdm
 
 from dtp import config as config_lib
 from dtp.algorithm import (
+    AllReduce,
     Autocast,
+    BlockNoise,
     forward_losses,
     forward_pass,
-    noise_generator,
     propagate_targets,
     train_feedback_block,
     weight_alignment,
@@ -55,8 +56,9 @@ def autocast_for(device: torch.device, mixed_precision: str) -> Autocast:
 
 
 class FeedbackPhase(Protocol):
-    def train(self, block_inputs: list[Tensor], step: int) -> list[Tensor]:
-        """Train G_1..G_N on their inputs h_0..h_{N-1}; return each block's mean L-DRL loss."""
+    def train(self, block_inputs: list[Tensor], step: int, batch_total: int) -> list[Tensor]:
+        """Train G_1..G_N on their inputs h_0..h_{N-1} (this process's rows of a batch of `batch_total`);
+        return each block's mean L-DRL loss over the full batch."""
 
     def log(self, writer: SummaryWriter, step: int) -> None:
         """Write this phase's own per-step figures (timings) to TensorBoard."""
@@ -66,6 +68,43 @@ class FeedbackPhase(Protocol):
 
     def close(self) -> None:
         """Release workers, if any."""
+
+
+class DataReplica(Protocol):
+    """This process's share of every batch when the training loop runs as several data-parallel copies.
+
+    The loop takes its rows of each batch, sums forward gradients and step statistics over the copies
+    and leaves logging, evaluation and checkpoints to the main copy; how copies map to ranks is not
+    its concern (dtp.parallel.ReplicaGroup under torchrun).
+    """
+
+    is_main: bool
+
+    def rows(self, batch: int) -> slice:
+        """The rows of a batch of `batch` rows this copy trains on."""
+
+    def all_reduce(self, tensors: list[Tensor]) -> None:
+        """Sum the tensors in place over all copies."""
+
+
+class WholeBatch:
+    """The one and only copy: all rows, nothing to sum."""
+
+    is_main = True
+
+    def rows(self, batch: int) -> slice:
+        return slice(0, batch)
+
+    def all_reduce(self, tensors: list[Tensor]) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class BlockShard:
+    """The rows of the full batch a process trains one feedback block on, and the sum over the parts."""
+
+    rows: slice
+    all_reduce: AllReduce | None
 
 
 def make_feedback_optimizers(network: DTPNetwork, cfg: dict[str, Any]) -> list[torch.optim.SGD]:
@@ -92,21 +131,31 @@ def train_blocks(
     block_inputs: list[Tensor],
     step: int,
     runtime: Runtime,
+    batch_total: int | None = None,
+    shards: dict[int, BlockShard] | None = None,
 ) -> dict[int, Tensor]:
-    """Train the given feedback blocks (1-based) one after the other; used by every FeedbackPhase."""
+    """Train the given feedback blocks (1-based) one after the other; used by every FeedbackPhase.
+
+    A block listed in `shards` is trained on those rows of a batch of `batch_total` rows, its
+    gradients summed with the other parts every iteration; any other block on its whole input.
+    """
     fb = cfg["feedback"]
     losses = {}
     for i in blocks:
+        x = block_inputs[i - 1]
+        shard = (shards or {}).get(i, BlockShard(slice(0, x.shape[0]), None))
         losses[i] = train_feedback_block(
             network.forward_blocks[i],
             network.feedback_blocks[i],
             optimizers[i - 1],
-            block_inputs[i - 1],
+            x,
             iterations=fb["iterations"][i - 1],
             sigma=fb["noise"][i - 1],
             samples=fb["samples"],
-            generator=noise_generator(cfg["seed"], i, step, runtime.device),
+            noise=BlockNoise(cfg["seed"], i, step, shard.rows, runtime.device),
             autocast=runtime.autocast,
+            batch_total=batch_total,
+            all_reduce=shard.all_reduce,
         )
     return losses
 
@@ -121,9 +170,10 @@ class LocalFeedback:
     runtime: Runtime
     order: list[int] | None = None
 
-    def train(self, block_inputs: list[Tensor], step: int) -> list[Tensor]:
+    def train(self, block_inputs: list[Tensor], step: int, batch_total: int) -> list[Tensor]:
         order = self.order or list(range(1, self.network.n_feedback + 1))
-        losses = train_blocks(self.network, self.optimizers, self.cfg, order, block_inputs, step, self.runtime)
+        losses = train_blocks(self.network, self.optimizers, self.cfg, order, block_inputs, step, self.runtime,
+                              batch_total)
         return [losses[i] for i in sorted(losses)]
 
     def log(self, writer: SummaryWriter, step: int) -> None:
@@ -162,6 +212,7 @@ class StepResult:
     ce_loss: Tensor
     forward_losses: list[Tensor] = field(default_factory=list)
     feedback_losses: list[Tensor] = field(default_factory=list)
+    top1: Tensor | None = None  # fraction correct in the full batch, once figures are reduced
 
 
 def train_step(
@@ -173,8 +224,15 @@ def train_step(
     cfg: dict[str, Any],
     step: int,
     runtime: Runtime,
+    batch_total: int | None = None,
+    replica: DataReplica = WholeBatch(),
 ) -> StepResult:
-    """One batch: feedback training, then targets and one forward SGD step (DTP/TP), or plain BP."""
+    """One batch: feedback training, then targets and one forward SGD step (DTP/TP), or plain BP.
+
+    x may be one data-parallel copy's rows of a batch of `batch_total` rows: the copies' forward
+    gradients are summed before the step, so every copy takes the full-batch step.
+    """
+    batch_total = batch_total or x.shape[0]
     algorithm = cfg["algorithm"]
     if algorithm == "bp":
         with runtime.autocast():
@@ -189,14 +247,15 @@ def train_step(
         outputs, indices = forward_pass(blocks, x)
     assert feedback is not None
     # Feedback training gets fp32 inputs whatever the autocast, so every FeedbackPhase sees the same tensors.
-    fb_losses = feedback.train([h.detach().float() for h in outputs[:-1]], step)
+    fb_losses = feedback.train([h.detach().float() for h in outputs[:-1]], step, batch_total)
     with runtime.autocast():
         targets = propagate_targets(
             list(network.feedback_blocks), outputs, indices, labels, cfg["forward"]["beta"], algorithm
         )
-        block_losses = forward_losses(outputs, targets)
+        block_losses = forward_losses(outputs, targets, batch_total)
     forward_opt.zero_grad(set_to_none=True)
     torch.stack(block_losses).sum().backward()
+    replica.all_reduce([p.grad for p in network.forward_blocks.parameters() if p.grad is not None])
     forward_opt.step()
     logits = outputs[-1].detach()
     ce = F.cross_entropy(logits.float(), labels)
@@ -241,6 +300,26 @@ def _flat_hparams(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _full_batch_figures(result: StepResult, labels: Tensor, batch_total: int, stop_requested: bool,
+                        replica: DataReplica) -> bool:
+    """Turn one copy's step figures into the full batch's, in place, and agree on stopping: one collective.
+
+    Every copy then sees the same losses (so a NaN stops all of them) and stops at the same step.
+    """
+    (correct,) = topk_correct(result.logits, labels, (1,))
+    share = labels.numel() / batch_total
+    stats = torch.stack([
+        result.ce_loss.float() * share,
+        correct.float() / batch_total,
+        torch.tensor(float(stop_requested), device=labels.device),
+        *[l.float() for l in result.forward_losses],
+    ])
+    replica.all_reduce([stats])
+    result.ce_loss, result.top1 = stats[0], stats[1]
+    result.forward_losses = list(stats[3:])
+    return bool(stats[2] > 0)
+
+
 def _check_finite(result: StepResult, step: int, cfg: dict[str, Any]) -> None:
     """One host sync per step: stop on NaN/inf before a bad update reaches a checkpoint."""
     values = torch.stack([result.ce_loss.float(), *[l.float() for l in result.forward_losses + result.feedback_losses]])
@@ -265,9 +344,15 @@ def run_training(
     out_dir: Path,
     max_steps: int | None = None,
     resume_state: dict[str, Any] | None = None,
+    replica: DataReplica = WholeBatch(),
 ) -> dict[str, Any]:
-    """Train until cfg['epochs'] (or max_steps total steps); write TensorBoard, checkpoints, summary."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Train until cfg['epochs'] (or max_steps total steps); write TensorBoard, checkpoints, summary.
+
+    Only the main data-parallel copy evaluates and writes; every copy stops at the same step.
+    """
+    main = replica.is_main
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     train_loader = BatchLoader(data.train_x, data.train_y, cfg["batch_size"], data.mean, data.std,
                                train=True, seed=cfg["seed"])
     test_loader = BatchLoader(data.test_x, data.test_y, cfg["eval_batch_size"], data.mean, data.std,
@@ -294,8 +379,10 @@ def run_training(
 
     stop = StopSignal()
     stop.install()
-    writer = SummaryWriter(log_dir=str(out_dir))
-    writer.add_text("config", "```\n" + config_lib.to_yaml(cfg) + "\n```", step)
+    stopping = False
+    writer = SummaryWriter(log_dir=str(out_dir)) if main else None
+    if writer:
+        writer.add_text("config", "```\n" + config_lib.to_yaml(cfg) + "\n```", step)
     log_every, angles_every = cfg["log"]["every"], cfg["log"]["angles_every"]
     n_fb = network.n_feedback
 
@@ -317,52 +404,56 @@ def run_training(
     train_time, train_images = 0.0, 0
     metrics: dict[str, float] = {}
     evaluated_at = -1
-    while step < total_steps and stop.received is None:
+    while step < total_steps and not stopping:
         epoch = step // steps_per_epoch
         first = step % steps_per_epoch
         n_batches = min(steps_per_epoch - first, total_steps - step)
         ce_meter, top1_meter = AverageMeter(), AverageMeter()
-        bar = tqdm(total=n_batches, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=True)
+        bar = tqdm(total=n_batches, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=True,
+                   disable=True if not main else None)
         batches = train_loader.epoch(epoch, start=first)
         for _ in range(n_batches):
             t0 = time.perf_counter()
             x, y = next(batches)
-            x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
-            result = train_step(network, forward_opt, feedback, x, y, cfg, step, runtime)
+            batch_total, rows = y.numel(), replica.rows(y.numel())
+            x, y = x[rows].to(runtime.device, non_blocking=True), y[rows].to(runtime.device, non_blocking=True)
+            result = train_step(network, forward_opt, feedback, x, y, cfg, step, runtime, batch_total, replica)
+            stopping = _full_batch_figures(result, y, batch_total, stop.received is not None, replica)
             _check_finite(result, step, cfg)
-            (correct,) = topk_correct(result.logits, y, (1,))
-            ce, acc = float(result.ce_loss), float(correct) / y.numel()
+            ce, acc = float(result.ce_loss), float(result.top1)
             dt = time.perf_counter() - t0
             train_time += dt
-            train_images += y.numel()
-            ce_meter.update(ce, y.numel())
-            top1_meter.update(acc, y.numel())
+            train_images += batch_total
+            ce_meter.update(ce, batch_total)
+            top1_meter.update(acc, batch_total)
             step += 1
-            bar.set_postfix(loss=f"{ce_meter.avg:.3f}", top1=f"{top1_meter.avg:.3f}", img_s=f"{y.numel() / dt:.0f}")
+            bar.set_postfix(loss=f"{ce_meter.avg:.3f}", top1=f"{top1_meter.avg:.3f}", img_s=f"{batch_total / dt:.0f}")
             bar.update()
-            if step % log_every == 0 or step == total_steps:
+            if writer and (step % log_every == 0 or step == total_steps):
                 writer.add_scalar("train/loss", ce, step)
                 writer.add_scalar("train/top1", acc, step)
                 writer.add_scalar("train/forward_lr", forward_opt.param_groups[0]["lr"], step)
-                writer.add_scalar("train/images_per_s", y.numel() / dt, step)
+                writer.add_scalar("train/images_per_s", batch_total / dt, step)
                 for i, l in enumerate(result.forward_losses):
                     writer.add_scalar(f"forward_loss/block{i}", float(l), step)
                 for i, l in enumerate(result.feedback_losses, start=1):
                     writer.add_scalar(f"feedback_loss/block{i}", float(l), step)
                 if feedback is not None:
                     feedback.log(writer, step)
-            if cfg["algorithm"] != "bp" and (step % angles_every == 0 or step == total_steps):
+            if writer and cfg["algorithm"] != "bp" and (step % angles_every == 0 or step == total_steps):
                 for i in range(1, n_fb + 1):
                     angle, dist = weight_alignment(network.forward_blocks[i], network.feedback_blocks[i])
                     writer.add_scalar(f"alignment/angle_block{i}", angle, step)
                     writer.add_scalar(f"alignment/distance_block{i}", dist, step)
-            if stop.received is not None:
+            if stopping:
                 break
         bar.close()
         if step % steps_per_epoch == 0:
             scheduler.step()
-            metrics = evaluate(network, test_loader, runtime)
             evaluated_at = step
+            if not writer:
+                continue
+            metrics = evaluate(network, test_loader, runtime)
             for key, value in metrics.items():
                 writer.add_scalar(f"val/{key}", value, step)
             tqdm.write(
@@ -370,13 +461,16 @@ def run_training(
                 f"val loss {metrics['loss']:.4f} top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f}"
             )
             checkpoint()
-    if stop.received is not None:
-        if evaluated_at != step:
-            checkpoint()
-        writer.close()
-        tqdm.write(f"{stop.received} received: stopped at step {step} with a checkpoint in {out_dir}; "
-                   f"continue with --resume {out_dir}")
-        return {"stopped_by": stop.received, "steps": step}
+    if stopping:
+        if writer:
+            if evaluated_at != step:
+                checkpoint()
+            writer.close()
+            tqdm.write(f"{stop.received or 'a stop signal'} received: stopped at step {step} with a checkpoint in "
+                       f"{out_dir}; continue with --resume {out_dir}")
+        return {"stopped_by": stop.received or "another copy", "steps": step}
+    if not writer:
+        return {"steps": step}
     if evaluated_at != step:
         metrics = evaluate(network, test_loader, runtime)
         for key, value in metrics.items():

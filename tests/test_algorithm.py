@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtp.algorithm import (
+    BlockNoise,
     feedback_loss,
     forward_losses,
     forward_pass,
-    noise_generator,
     output_target,
     propagate_targets,
     train_feedback_block,
@@ -154,19 +154,62 @@ def test_training_order_does_not_change_the_weights():
         outputs, _ = forward_pass(list(net.forward_blocks), x)
         phase = LocalFeedback(net, opts, cfg, Runtime(torch.device("cpu")), order=order)
         for step in range(2):
-            phase.train([h.detach() for h in outputs[:-1]], step)
+            phase.train([h.detach() for h in outputs[:-1]], step, x.shape[0])
         results.append(net.feedback_blocks.state_dict())
     for key in results[0]:
         assert torch.equal(results[0][key], results[1][key]), key
 
 
+CPU = torch.device("cpu")
+
+
+def draw(seed, block, step, rows, iterations=2, total=20):
+    """The dx, dy of the last of `iterations` iterations for `rows` of a batch of `total` rows."""
+    x, y = torch.empty(total, 3, 4, 4)[rows], torch.empty(total, 5, 2, 2)[rows]
+    noise = BlockNoise(seed, block, step, rows, CPU)
+    for _ in range(iterations):
+        dx, dy = noise.draw(2, x, y, 0.5)
+    return dx, dy
+
+
 def test_noise_depends_only_on_seed_block_and_step():
-    a = torch.randn(4, generator=noise_generator(0, 2, 7, torch.device("cpu")))
-    b = torch.randn(4, generator=noise_generator(0, 2, 7, torch.device("cpu")))
-    assert torch.equal(a, b)
-    for other in (noise_generator(1, 2, 7, torch.device("cpu")), noise_generator(0, 3, 7, torch.device("cpu")),
-                  noise_generator(0, 2, 8, torch.device("cpu"))):
-        assert not torch.equal(a, torch.randn(4, generator=other))
+    a = draw(0, 2, 7, slice(0, 20))
+    assert all(torch.equal(u, v) for u, v in zip(a, draw(0, 2, 7, slice(0, 20))))
+    for other in (draw(1, 2, 7, slice(0, 20)), draw(0, 3, 7, slice(0, 20)), draw(0, 2, 8, slice(0, 20))):
+        assert not torch.equal(a[0], other[0]) and not torch.equal(a[1], other[1])
+
+
+def test_a_part_of_the_batch_draws_exactly_its_rows_of_the_full_batch_noise():
+    full_dx, full_dy = draw(0, 2, 7, slice(0, 20))
+    assert full_dx.shape == (2, 20, 3, 4, 4) and full_dy.shape == (2, 20, 5, 2, 2)
+    for rows in (slice(0, 8), slice(8, 16), slice(8, 20), slice(16, 20)):
+        dx, dy = draw(0, 2, 7, rows)
+        assert torch.equal(dx, full_dx[:, rows]) and torch.equal(dy, full_dy[:, rows])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        BlockNoise(0, 2, 7, slice(4, 20), CPU)
+
+
+def test_parts_of_a_batch_sum_to_the_full_batch_loss_and_gradient():
+    """Block splitting and replicas rest on this: each part's loss is its share of the full-batch mean."""
+    block, feedback = tiny_conv_block()
+    x = torch.randn(16, 2, 4, 4)
+    y, idx = block(x)
+    dx, dy = 0.1 * torch.randn(1, 16, 2, 4, 4), 0.1 * torch.randn(1, 16, *y.shape[1:])
+
+    def loss_and_grad(rows, total):
+        feedback.zero_grad()
+        loss = feedback_loss(block, feedback, x[rows], y[rows], [i[rows] for i in idx], dx[:, rows], dy[:, rows], total)
+        loss.backward()
+        return loss.detach(), feedback.layers[-1].weight.grad.clone()
+
+    full_loss, full_grad = loss_and_grad(slice(0, 16), None)
+    parts = [loss_and_grad(rows, 16) for rows in (slice(0, 8), slice(8, 16))]
+    assert float(sum(p[0] for p in parts)) == pytest.approx(float(full_loss), rel=1e-5)
+    assert torch.allclose(sum(p[1] for p in parts), full_grad, rtol=1e-5, atol=1e-7)
+    outputs, targets = [torch.randn(16, 3)], [torch.randn(16, 3)]
+    halves = [forward_losses([o[rows] for o in outputs], [t[rows] for t in targets], 16)[0]
+              for rows in (slice(0, 8), slice(8, 16))]
+    assert float(sum(halves)) == pytest.approx(float(forward_losses(outputs, targets)[0]), rel=1e-6)
 
 
 def test_train_feedback_block_reduces_the_reconstruction_loss():
@@ -175,10 +218,10 @@ def test_train_feedback_block_reduces_the_reconstruction_loss():
     x = torch.randn(16, 3, 16, 16)
     opt = torch.optim.SGD(net.feedback_blocks[1].parameters(), lr=0.01, momentum=0.9)
     h0, _ = net.forward_blocks[0](x)
-    gen = torch.Generator().manual_seed(0)
-    first = train_feedback_block(net.forward_blocks[1], net.feedback_blocks[1], opt, h0, 1, 0.1, 1, gen)
-    train_feedback_block(net.forward_blocks[1], net.feedback_blocks[1], opt, h0, 40, 0.1, 1, gen)
-    last = train_feedback_block(net.forward_blocks[1], net.feedback_blocks[1], opt, h0, 1, 0.1, 1, gen)
+    noise = BlockNoise(0, 1, 0, slice(0, 16), CPU)
+    first = train_feedback_block(net.forward_blocks[1], net.feedback_blocks[1], opt, h0, 1, 0.1, 1, noise)
+    train_feedback_block(net.forward_blocks[1], net.feedback_blocks[1], opt, h0, 40, 0.1, 1, noise)
+    last = train_feedback_block(net.forward_blocks[1], net.feedback_blocks[1], opt, h0, 1, 0.1, 1, noise)
     assert float(last) < float(first)
 
 

@@ -118,7 +118,8 @@ def test_slurm_multinode(stub_env):
     proc = launch("slurm_multinode.sbatch", env, "--epochs", "3")
     assert proc.returncode == 0, proc.stderr
     torchrun = ["torchrun", "--nnodes=2", "--nproc_per_node=4", "--max-restarts=3", "--rdzv_backend=c10d",
-                "--rdzv_endpoint=node-a:29500", "--rdzv_id=123", "train_parallel.py", *TRAIN_FLAGS]
+                "--rdzv_endpoint=node-a:29500", "--rdzv_id=123", "train_parallel.py", *TRAIN_FLAGS[:-2],
+                "--replicas", "2", *TRAIN_FLAGS[-2:]]
     assert calls(log) == [
         ["scontrol", "show", "hostnames", "node-[a-b]"],
         ["srun", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=8", "--kill-on-bad-exit=1", *torchrun],

@@ -14,7 +14,7 @@ from conftest import (
     ROOT, SMOKE, assert_ok, load, max_relative_difference, momentum_buffers, run_script, run_torchrun, script_env,
 )
 from dtp.errors import UserError
-from dtp.parallel import assign_blocks
+from dtp.parallel import plan_feedback, split_rows
 
 TOLERANCE = 1e-4
 STEPS = "3"
@@ -61,29 +61,64 @@ def test_checkpoints_resume_across_scripts_and_world_sizes(tmp_path, tiny_npz):
     assert_parity(load(straight), load(mixed))
 
 
-def test_more_ranks_than_blocks_is_an_error(tmp_path):
-    # channels [4, 8] gives 3 blocks, so 2 trainable feedback blocks and at most 3 useful ranks.
-    proc = run_torchrun(4, "--config", SMOKE, "--set", "model.channels=[4,8]", "--set", "feedback.iterations=[1,1]",
-                        "--set", "feedback.noise=[0.1,0.1]", "--set", "feedback.lr=[0.01,0.01]",
-                        "--out", str(tmp_path / "r"))
+TWO_BLOCKS = ["--config", SMOKE, "--set", "model.channels=[4,8]", "--set", "feedback.iterations=[1,1]",
+              "--set", "feedback.noise=[0.1,0.1]", "--set", "feedback.lr=[0.01,0.01]"]
+
+
+@pytest.mark.parametrize("nproc,flags,message", [
+    # channels [4, 8]: 2 trainable feedback blocks; batch 16 is two 8-row noise chunks, so at most 2 parts each.
+    (6, [], "at most 5 are useful"),
+    (4, ["--split", "none"], "without splitting at most 3 ranks are useful"),
+    (3, ["--split", "1,1,1"], "--split needs 2 part counts"),
+    (3, ["--replicas", "2"], "--replicas 2 does not divide the 3 ranks"),
+])
+def test_bad_layouts_are_errors(tmp_path, nproc, flags, message):
+    proc = run_torchrun(nproc, *TWO_BLOCKS, *flags, "--out", str(tmp_path / "r"))
     assert proc.returncode != 0
-    assert "at most 3 ranks are useful" in proc.stderr
+    assert message in proc.stderr
     assert "Traceback" not in proc.stderr.split("error:")[0][-2000:]
 
 
-def test_assignment_balances_estimated_cost():
+def ideal_costs(whole: list[float], most: int) -> dict[int, list[float]]:
+    """Costs as if splitting a block m ways took exactly 1/m of its time."""
+    return {m: [c / m for c in whole] for m in range(1, most + 1)}
+
+
+def test_plan_without_splitting_balances_whole_blocks_optimally():
     # The CIFAR-10 profile of DESIGN.md §6: block 1 alone is the largest share.
-    costs = [6.5, 4.4, 1.9, 2.1, 0.02]
-    assert assign_blocks(costs, 1) == [0] * 5
+    whole = [6.5, 4.4, 1.9, 2.1, 0.02]
+    costs = ideal_costs(whole, 1)
+    assert plan_feedback(costs, 1, "none").owners == ((0,),) * 5
     for world in (2, 3):
-        owners = assign_blocks(costs, world)
-        loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(world)]
-        best = min(max(sum(c for c, o in zip(costs, split) if o == r) for r in range(world))
-                   for split in itertools.product(range(world), repeat=len(costs)))
-        assert max(loads) == pytest.approx(best)  # LPT is optimal on this profile
-    assert sorted(assign_blocks(costs, 6)) == [1, 2, 3, 4, 5]  # the leader keeps none
-    with pytest.raises(UserError, match="at most 6 ranks"):
-        assign_blocks(costs, 7)
+        plan = plan_feedback(costs, world, "none")
+        best = min(max(sum(c for c, o in zip(whole, owners) if o == r) for r in range(world))
+                   for owners in itertools.product(range(world), repeat=len(whole)))
+        assert plan.makespan == pytest.approx(best)  # LPT is optimal on this profile
+    assert sorted(o for (o,) in plan_feedback(costs, 6, "none").owners) == [1, 2, 3, 4, 5]  # the leader keeps none
+
+
+def test_plan_splits_the_heavy_block_when_whole_blocks_cannot_balance():
+    whole = [6.5, 4.4, 1.9, 2.1, 0.02]
+    costs = ideal_costs(whole, 6)
+    plan = plan_feedback(costs, 6, "auto")
+    assert plan.pieces[0] > 1  # block 1 alone caps whole-block plans at 6.5 s
+    assert plan.makespan < 0.8 * plan_feedback(costs, 6, "none").makespan
+    assert plan.makespan >= sum(whole) / 6 - 1e-9
+    # Splitting that does not pay (a part costs as much as the whole block) is not chosen.
+    flat = {m: whole for m in range(1, 3)}
+    assert plan_feedback(flat, 2, "auto").pieces == [1] * 5
+    with pytest.raises(UserError, match="at most 11 are useful"):
+        plan_feedback(ideal_costs(whole, 2), 12, "auto")
+
+
+def test_rows_are_split_on_noise_chunks_and_cover_the_batch():
+    batch = slice(0, 100)  # 13 chunks of 8 rows, the last one 4 rows
+    replicas = [split_rows(batch, 2, r) for r in range(2)]
+    assert replicas == [slice(0, 48), slice(48, 100)]
+    parts = [split_rows(replicas[1], 3, j) for j in range(3)]
+    assert parts[0].start == 48 and parts[-1].stop == 100
+    assert all(p.start % 8 == 0 and p.stop > p.start for p in parts)
+    assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:
@@ -137,3 +172,20 @@ def test_elastic_restart_after_a_dead_rank_finishes_like_an_uninterrupted_run(tm
     result = load(elastic)
     assert result["step"] == 24
     assert_parity(load(straight), result)
+
+
+def test_two_simulated_nodes_with_a_replica_each_equal_one_process(tmp_path, sequential_reference):
+    """Two torchrun agents meet at a c10d rendezvous, as on two nodes; each node is one replica."""
+    out = tmp_path / "nodes"
+    port = str(29700 + os.getpid() % 200)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=dtp-test",
+           str(ROOT / "train_parallel.py"), "--config", SMOKE, "--max-steps", STEPS, "--replicas", "2",
+           "--out", str(out)]
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=script_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    results = [node.communicate(timeout=300) for node in nodes]
+    for node, (stdout, stderr) in zip(nodes, results):
+        assert node.returncode == 0, stderr[-3000:]
+    assert any("2 replica(s) of 2 rank(s)" in stdout for stdout, _ in results)
+    assert_parity(sequential_reference, load(out))
