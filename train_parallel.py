@@ -20,8 +20,8 @@ from dtp.config import to_yaml
 from dtp.errors import UserError
 from dtp.models import DTPNetwork
 from dtp.parallel import (
-    DistributedFeedback, Layout, format_plan, init_distributed, max_pieces, measure_feedback_costs, plan_feedback,
-    run_worker,
+    DistributedFeedback, Layout, check_split, format_plan, init_distributed, max_pieces, measure_feedback_costs,
+    plan_feedback, run_worker,
 )
 from dtp.trainer import Runtime, autocast_for, make_feedback_optimizers, run_training
 
@@ -33,6 +33,21 @@ def parse_split(value: str) -> str | list[int]:
         return [int(v) for v in value.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected auto, none or part counts like 2,1,1,1,1, got {value!r}") from None
+
+
+def check_layout(cfg: dict, n_feedback: int, world_size: int, replicas: int, split: str | list[int]) -> int:
+    """Reject a run this trainer or this world size cannot serve; return the most parts a block can have."""
+    if cfg["algorithm"] == "bp":
+        raise UserError("--algorithm bp has no feedback phase to parallelise; use train_sequential.py")
+    if replicas < 1 or world_size % replicas:
+        raise UserError(f"--replicas {replicas} does not divide the {world_size} ranks started; "
+                        f"start a multiple of {replicas} ranks (--nnodes × --nproc_per_node)")
+    if replicas > -(-cfg["batch_size"] // NOISE_CHUNK_ROWS):
+        raise UserError(f"--replicas {replicas} is more than a batch of {cfg['batch_size']} has "
+                        f"{NOISE_CHUNK_ROWS}-row chunks to share; use fewer replicas or a larger batch")
+    most = max_pieces(cfg["batch_size"], replicas, world_size // replicas)
+    check_split(n_feedback, most, world_size // replicas, split)
+    return most
 
 
 def main() -> None:
@@ -51,42 +66,43 @@ def main() -> None:
     setup: list = [None]
     if ctx.is_leader:
         try:
-            if args.replicas < 1 or ctx.world_size % args.replicas:
-                raise UserError(f"--replicas {args.replicas} does not divide the {ctx.world_size} ranks started; "
-                                f"start a multiple of {args.replicas} ranks (--nnodes × --nproc_per_node)")
-            group_size = ctx.world_size // args.replicas
             run = resolve_run(args)
-            cfg = run.cfg
-            if cfg["algorithm"] == "bp":
-                raise UserError("--algorithm bp has no feedback phase to parallelise; use train_sequential.py")
-            if args.replicas > -(-cfg["batch_size"] // NOISE_CHUNK_ROWS):
-                raise UserError(f"--replicas {args.replicas} is more than a batch of {cfg['batch_size']} has "
-                                f"{NOISE_CHUNK_ROWS}-row chunks to share; use fewer replicas or a larger batch")
-            data = load_data(cfg)
-            network = build_network(cfg, data)
-            costs = measure_feedback_costs(network, cfg, ctx.device, args.replicas,
-                                           max_pieces(cfg["batch_size"], args.replicas, group_size))
+            data = load_data(run.cfg)
+            network = build_network(run.cfg, data)
+            most = check_layout(run.cfg, network.n_feedback, ctx.world_size, args.replicas, args.split)
+        except UserError as exc:
+            dist.broadcast_object_list([exc], src=0)
+            raise
+        setup = [(run.cfg, data.input_shape, data.num_classes, most)]
+    dist.broadcast_object_list(setup, src=0)
+    if isinstance(setup[0], UserError):
+        raise setup[0]
+    cfg, input_shape, num_classes, most = setup[0]
+    if not ctx.is_leader:
+        network = DTPNetwork(cfg["model"], input_shape, num_classes, cfg["seed"])
+    network.to(ctx.device)
+    runtime = Runtime(device=ctx.device, autocast=autocast_for(ctx.device, cfg["mixed_precision"]))
+    group_size = ctx.world_size // args.replicas
+    costs = measure_feedback_costs(network, cfg, runtime, ctx, args.replicas, most)
+    plan_setup: list = [None]
+    if ctx.is_leader:
+        try:
             plan = plan_feedback(costs, group_size, args.split)
         except UserError as exc:
             dist.broadcast_object_list([exc], src=0)
             raise
         # Other replica leaders start from the same state: they get the checkpoint, not the file.
-        resume_state = run.resume_state if args.replicas > 1 else None
-        setup = [(cfg, data.input_shape, data.num_classes, plan, costs, resume_state)]
+        plan_setup = [(plan, run.resume_state if args.replicas > 1 else None)]
         print(to_yaml(cfg), end="")
         print(f"{args.replicas} replica(s) of {group_size} rank(s)\n{format_plan(plan, costs, group_size)}", flush=True)
-    dist.broadcast_object_list(setup, src=0)
-    if isinstance(setup[0], UserError):
-        raise setup[0]
-    cfg, input_shape, num_classes, plan, costs, resume_state = setup[0]
+    dist.broadcast_object_list(plan_setup, src=0)
+    if isinstance(plan_setup[0], UserError):
+        raise plan_setup[0]
+    plan, resume_state = plan_setup[0]
     set_seed(cfg["seed"])
-    runtime = Runtime(device=ctx.device, autocast=autocast_for(ctx.device, cfg["mixed_precision"]))
     layout = Layout(ctx, args.replicas, plan)
-    if not ctx.is_leader:
-        network = DTPNetwork(cfg["model"], input_shape, num_classes, cfg["seed"])
-        if layout.is_replica_leader:
-            data = load_data(cfg)
-    network.to(ctx.device)
+    if layout.is_replica_leader and not ctx.is_leader:
+        data = load_data(cfg)
     optimizers = make_feedback_optimizers(network, cfg)
     if not layout.is_replica_leader:
         # Only leaders act on SIGUSR1 (they checkpoint and then release the workers).

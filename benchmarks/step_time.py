@@ -1,7 +1,8 @@
 """Time DTP training steps with the CIFAR-10 SimpleVGG settings (DESIGN.md §5) on random input.
 
     python benchmarks/step_time.py --steps 2 --threads 2 --json
-    python benchmarks/step_time.py --steps 3 --parallel 2          # under torchrun, 1 thread per rank
+    python benchmarks/step_time.py --steps 3 --threads 1 --parallel 2  # under torchrun, then sequential
+    python benchmarks/step_time.py --steps 2 --threads 2 --bound-ranks 6  # adds bounds for 6 ranks
 
 Sequential mode times this project's step and, in the same run, a naive baseline with the published
 code's cost structure (forward block recomputed inside every feedback iteration to restore the pooling
@@ -27,17 +28,28 @@ from dtp.config import DEFAULTS, merge  # noqa: E402
 from dtp.models import DTPNetwork  # noqa: E402
 from dtp.parallel import (  # noqa: E402
     DistributedFeedback, Layout, format_plan, init_distributed, max_pieces, measure_feedback_costs, peak_rss_mib,
-    plan_feedback, run_worker,
+    plan_feedback, run_worker, split_rows, time_feedback_iteration,
 )
 from dtp.trainer import (  # noqa: E402
     Runtime, autocast_for, build_forward_optimizer, make_feedback_optimizers, train_blocks, train_step,
 )
 
 
-def split_bounds(cfg, ranks: int, non_feedback_s: float) -> dict:
-    """Cost-model speed-up bounds for `ranks` ranks with and without block splitting, from costs measured here."""
+def part_costs(cfg, pieces: int, runtime: Runtime) -> dict[int, list[float]]:
+    """Seconds per step of each block trained on 1/m of the batch, m = 1..pieces, in this one process."""
     network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"])
-    costs = measure_feedback_costs(network, cfg, torch.device("cpu"), 1, max_pieces(cfg["batch_size"], 1, ranks))
+    batch = slice(0, cfg["batch_size"])
+    return {m: [k * time_feedback_iteration(network, cfg, i, split_rows(batch, m, 0), runtime)
+                for i, k in enumerate(cfg["feedback"]["iterations"], start=1)] for m in range(1, pieces + 1)}
+
+
+def split_bounds(cfg, ranks: int, non_feedback_s: float, runtime: Runtime) -> dict:
+    """Cost-model speed-up bounds for `ranks` ranks with and without block splitting.
+
+    From per-part costs measured in this one process: the gradient sums and the contention between
+    ranks of a real run are not in them, so these are upper bounds.
+    """
+    costs = part_costs(cfg, max_pieces(cfg["batch_size"], 1, ranks), runtime)
     sequential = sum(costs[1]) + non_feedback_s
     result = {"ranks": ranks, "block_cost_s_by_parts": {str(m): c for m, c in costs.items()}}
     for split in ("none", "auto"):
@@ -129,16 +141,14 @@ def parallel_worker(args, cfg) -> None:
     runtime = Runtime(ctx.device)
     network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"]).to(ctx.device)
     optimizers = make_feedback_optimizers(network, cfg)
-    # Measured costs differ between ranks, so the leader decides the plan and tells the others.
+    costs = measure_feedback_costs(network, cfg, runtime, ctx, 1, max_pieces(cfg["batch_size"], 1, ctx.world_size))
+    # Plans are computed from rank 0's measurements; the leader decides and tells the others.
     setup: list = [None]
     if ctx.is_leader:
-        costs = measure_feedback_costs(network, cfg, ctx.device, 1, max_pieces(cfg["batch_size"], 1, ctx.world_size))
-        plan = plan_feedback(costs, ctx.world_size, args.split)
-        print(format_plan(plan, costs, ctx.world_size), file=sys.stderr)
-        setup = [(costs, plan)]
+        setup = [plan_feedback(costs, ctx.world_size, args.split)]
+        print(format_plan(setup[0], costs, ctx.world_size), file=sys.stderr)
     torch.distributed.broadcast_object_list(setup, src=0)
-    costs, plan = setup[0]
-    layout = Layout(ctx, 1, plan)
+    layout = Layout(ctx, 1, setup[0])
     if not ctx.is_leader:
         run_worker(network, optimizers, cfg, runtime, layout)
         return
@@ -167,7 +177,8 @@ def main() -> None:
     p.add_argument("--split", default="auto", help="with --parallel: auto, none or parts per block, e.g. 2,1,1,1,1")
     p.add_argument("--bound-ranks", type=int, default=0,
                    help="also report the cost-model bound for this many ranks with and without block splitting")
-    p.add_argument("--no-baseline", action="store_true", help="skip the naive baseline")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the naive baseline (with --parallel: the sequential run it is compared with)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (the baseline runs in fp32)")
     p.add_argument("--json", action="store_true")
@@ -193,6 +204,13 @@ def main() -> None:
         print(f"parallel P={args.parallel}: {result['sec_per_step']:.3f} s/step, {result['images_per_s']:.1f} img/s, "
               f"efficiency {result['efficiency']:.2f}, cost-model bound {result['speedup_bound']:.2f}x, "
               f"estimated speed-up {result['speedup_estimate']:.2f}x")
+        if not args.no_baseline:
+            torch.set_num_threads(args.threads)
+            seq = time_sequential(cfg, args.steps, args.warmup, naive=False, channels_last=False, bf16=False)
+            result["sequential_sec_per_step"] = seq["sec_per_step"]
+            result["speedup_over_sequential"] = seq["sec_per_step"] / result["sec_per_step"]
+            print(f"sequential, {args.threads} thread(s): {seq['sec_per_step']:.3f} s/step; parallel speed-up "
+                  f"{result['speedup_over_sequential']:.2f}x")
         if args.json:
             print(json.dumps(result))
         return
@@ -210,7 +228,7 @@ def main() -> None:
         result["speedup_over_baseline"] = base["sec_per_step"] / ours["sec_per_step"]
         print(f"speed-up over the published structure: {result['speedup_over_baseline']:.2f}x")
     if args.bound_ranks:
-        bounds = split_bounds(cfg, args.bound_ranks, ours["forward_update_s"])
+        bounds = split_bounds(cfg, args.bound_ranks, ours["forward_update_s"], Runtime(torch.device("cpu")))
         for split in ("none", "auto"):
             b = bounds[f"split_{split}"]
             print(f"bound for {args.bound_ranks} ranks, split {split}: parts per block {b['pieces']}, feedback "

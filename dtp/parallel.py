@@ -14,6 +14,7 @@ change of world size need nothing extra.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import resource
@@ -29,13 +30,14 @@ from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.utils.tensorboard import SummaryWriter
 
-from dtp.algorithm import NOISE_CHUNK_ROWS, BlockNoise, train_feedback_block
+from dtp.algorithm import NOISE_CHUNK_ROWS, AllReduce, BlockNoise, train_feedback_block
 from dtp.errors import UserError
 from dtp.models import DTPNetwork
 from dtp.trainer import BlockShard, Runtime, train_blocks
 
 CMD_STEP, CMD_STOP = 0, 1
 LEADER = 0
+EXHAUSTIVE_PLANS = 40_000
 
 
 @dataclass
@@ -88,36 +90,66 @@ def max_pieces(batch_size: int, replicas: int, group_size: int) -> int:
     return max(1, min(group_size, math.ceil(batch_size / NOISE_CHUNK_ROWS) // replicas))
 
 
-def measure_feedback_costs(network: DTPNetwork, cfg: dict[str, Any], device: torch.device, replicas: int,
-                           pieces: int, repeats: int = 2) -> dict[int, list[float]]:
+def time_feedback_iteration(network: DTPNetwork, cfg: dict[str, Any], i: int, rows: slice, runtime: Runtime,
+                            reduce: AllReduce | None = None, warmup: int = 2, repeats: int = 3) -> float:
+    """Seconds one feedback iteration of block i takes on `rows` of a batch (summing gradients with `reduce`).
+
+    Timed on copies of the blocks with random input and lr 0: the run's weights and noise streams are
+    untouched.
+    """
+    forward_block = copy.deepcopy(network.forward_blocks[i]).to(runtime.device)
+    feedback_block = copy.deepcopy(network.feedback_blocks[i]).to(runtime.device)
+    optimizer = torch.optim.SGD(feedback_block.parameters(), lr=0.0)
+    x = torch.randn((rows.stop - rows.start, *network.block_input_shapes[i]), device=runtime.device)
+    noise = BlockNoise(0, i, 0, rows, runtime.device)
+    fb = cfg["feedback"]
+
+    def run(iterations: int) -> None:
+        train_feedback_block(forward_block, feedback_block, optimizer, x, iterations, fb["noise"][i - 1],
+                             fb["samples"], noise, runtime.autocast, cfg["batch_size"], reduce)
+        _sync(runtime.device)
+
+    run(warmup)  # allocator and kernel selection
+    t0 = time.perf_counter()
+    run(repeats)
+    return (time.perf_counter() - t0) / repeats
+
+
+def measure_feedback_costs(network: DTPNetwork, cfg: dict[str, Any], runtime: Runtime, ctx: DistContext,
+                           replicas: int, pieces: int) -> dict[int, list[float]]:
     """Seconds one batch of feedback training takes per block when its rows are split m ways, m = 1..pieces.
 
-    costs[m][i−1] is k_i × one timed iteration of block i on the largest of m parts of a replica's rows.
-    Timed on copies of the blocks with random input and lr 0, so the run's weights and noise streams
-    are untouched. Measuring beats counting FLOPs: memory-bound layers and small blocks or parts cost
-    more than their FLOPs suggest.
+    Collective: every rank calls it. For each block and m, the ranks of every replica form teams of m
+    that each train a part of the replica's rows at once, summing gradients as in a run, so a cost
+    includes the gradient sums, the wait for the slowest part and the contention of busy neighbours.
+    costs[m][i−1] is k_i × rank 0's time per iteration, the same on every rank.
     """
-    fb = cfg["feedback"]
-    replica_rows = split_rows(slice(0, cfg["batch_size"]), replicas, 0)
-    costs: dict[int, list[float]] = {m: [] for m in range(1, pieces + 1)}
+    group_size = ctx.world_size // replicas
+    replica, local = divmod(ctx.rank, group_size)
+    replica_rows = split_rows(slice(0, cfg["batch_size"]), replicas, replica)
+    teams: dict[int, tuple[int, dist.ProcessGroup | None] | None] = {}
+    for m in range(1, pieces + 1):
+        teams[m] = None
+        for t in range(group_size // m):
+            ranks = [r * group_size + t * m + j for r in range(replicas) for j in range(m)]
+            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            if ctx.rank in ranks:
+                teams[m] = (t, group)
+    costs: dict[int, list[float]] = {m: [] for m in teams}
     for i in range(1, network.n_feedback + 1):
-        forward_block = copy.deepcopy(network.forward_blocks[i]).to(device)
-        feedback_block = copy.deepcopy(network.feedback_blocks[i]).to(device)
-        optimizer = torch.optim.SGD(feedback_block.parameters(), lr=0.0)
-        for m in costs:
-            rows = max(part.stop - part.start for part in (split_rows(replica_rows, m, j) for j in range(m)))
-            x = torch.randn((rows, *network.block_input_shapes[i]), device=device)
-            noise = BlockNoise(0, i, 0, slice(0, rows), device)
-
-            def run(iterations: int) -> None:
-                train_feedback_block(forward_block, feedback_block, optimizer, x, iterations, fb["noise"][i - 1],
-                                     fb["samples"], noise)
-                _sync(device)
-
-            run(1)  # warm-up: allocator and kernel selection
-            t0 = time.perf_counter()
-            run(repeats)
-            costs[m].append(fb["iterations"][i - 1] * (time.perf_counter() - t0) / repeats)
+        for m, team in teams.items():
+            seconds = torch.zeros(1, dtype=torch.float64, device=runtime.device)
+            dist.barrier()
+            if team is not None:
+                t, group = team
+                reduce = None if group is None else partial(_all_reduce_flat, group=group)
+                rows = split_rows(replica_rows, m, local - t * m)
+                seconds[0] = time_feedback_iteration(network, cfg, i, rows, runtime, reduce)
+            dist.broadcast(seconds, LEADER)
+            costs[m].append(cfg["feedback"]["iterations"][i - 1] * float(seconds))
+    for team in teams.values():
+        if team is not None and team[1] is not None:
+            dist.destroy_process_group(team[1])
     return costs
 
 
@@ -166,15 +198,8 @@ def _idle_workers(plan: FeedbackPlan, group_size: int) -> int:
     return sum(1 for r in range(1, group_size) if not plan.blocks_of(r))
 
 
-def plan_feedback(costs: dict[int, list[float]], group_size: int, split: str | list[int]) -> FeedbackPlan:
-    """The plan for a group of `group_size` ranks: `split` is 'auto', 'none' or the parts per block.
-
-    'auto' starts from whole blocks and repeatedly takes the single change of one block's number of
-    parts that shortens the estimated time most, while it gains more than 1% (splitting adds a
-    gradient all-reduce per iteration that the measured costs do not include); idle workers are
-    removed first.
-    """
-    n, most = len(costs[1]), max(costs)
+def check_split(n: int, most: int, group_size: int, split: str | list[int]) -> None:
+    """Reject, before anything is measured, a group size or --split that cannot work for n blocks."""
     if split == "none" and group_size > n + 1:
         raise UserError(f"{group_size} ranks per layer-parallel group but only {n} trainable feedback blocks, so "
                         f"without splitting at most {n + 1} ranks are useful; use --split auto or fewer ranks")
@@ -183,10 +208,23 @@ def plan_feedback(costs: dict[int, list[float]], group_size: int, split: str | l
                         f"leader and {most} parts for each of the {n} feedback blocks, as a part needs at least one "
                         f"{NOISE_CHUNK_ROWS}-row noise chunk of the batch); use fewer ranks, more --replicas or a "
                         f"larger batch")
+    if isinstance(split, list) and (len(split) != n or not all(1 <= m <= most for m in split)):
+        raise UserError(f"--split needs {n} part counts, one per feedback block, each from 1 to {most}; "
+                        f"got {','.join(map(str, split))}")
+
+
+def plan_feedback(costs: dict[int, list[float]], group_size: int, split: str | list[int]) -> FeedbackPlan:
+    """The plan for a group of `group_size` ranks: `split` is 'auto', 'none' or the parts per block.
+
+    'auto' tries every combination of part counts when there are at most EXHAUSTIVE_PLANS, and takes
+    the one with the fewest parts among those within 1% of the fastest estimate (fewer parts, fewer
+    gradient sums: the safer choice when estimates tie). With more, it starts from whole blocks and
+    repeatedly takes the single change of one block's part count that shortens the estimate most,
+    while that gains more than 1%. Plans that leave a worker idle come last.
+    """
+    n, most = len(costs[1]), max(costs)
+    check_split(n, most, group_size, split)
     if isinstance(split, list):
-        if len(split) != n or not all(1 <= m <= most for m in split):
-            raise UserError(f"--split needs {n} part counts, one per feedback block, each from 1 to {most}; "
-                            f"got {','.join(map(str, split))}")
         plan = schedule(split, costs, group_size)
         if _idle_workers(plan, group_size):
             raise UserError(f"--split {','.join(map(str, split))} leaves {_idle_workers(plan, group_size)} of the "
@@ -195,18 +233,16 @@ def plan_feedback(costs: dict[int, list[float]], group_size: int, split: str | l
     plan = schedule([1] * n, costs, group_size)
     if split == "none":
         return plan
+    if most**n <= EXHAUSTIVE_PLANS:
+        plans = [schedule(list(p), costs, group_size) for p in itertools.product(range(1, most + 1), repeat=n)]
+        useful = [p for p in plans if not _idle_workers(p, group_size)]
+        fastest = min(p.makespan for p in useful)
+        return min((p for p in useful if p.makespan <= 1.01 * fastest), key=lambda p: (sum(p.pieces), p.makespan))
     while True:
-        best = plan
-        for i in range(n):
-            for m in range(1, most + 1):
-                pieces = plan.pieces
-                pieces[i] = m
-                cand = schedule(pieces, costs, group_size)
-                key = (_idle_workers(cand, group_size), cand.makespan)
-                best_key = (_idle_workers(best, group_size), best.makespan * (0.99 if best is plan else 1.0))
-                if key < best_key:
-                    best = cand
-        if best is plan:
+        changes = [plan.pieces[:i] + [m] + plan.pieces[i + 1 :] for i in range(n) for m in range(1, most + 1)]
+        best = min((schedule(p, costs, group_size) for p in changes),
+                   key=lambda c: (_idle_workers(c, group_size), c.makespan))
+        if (_idle_workers(best, group_size), best.makespan) >= (_idle_workers(plan, group_size), 0.99 * plan.makespan):
             return plan
         plan = best
 
