@@ -19,10 +19,11 @@ import math
 import os
 import resource
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,10 @@ from dtp.trainer import BlockShard, Runtime, train_blocks
 CMD_STEP, CMD_STOP = 0, 1
 LEADER = 0
 EXHAUSTIVE_PLANS = 40_000
+# Among plans whose estimates are this close to the fastest, the one with the fewest parts wins: split
+# parts ran 4–6% slower in runs than their start-up measurement (CIFAR-10, 2 ranks on 2 CPU cores),
+# and whole blocks were then the faster choice.
+SPLIT_MARGIN = 0.05
 
 
 @dataclass
@@ -217,10 +222,10 @@ def plan_feedback(costs: dict[int, list[float]], group_size: int, split: str | l
     """The plan for a group of `group_size` ranks: `split` is 'auto', 'none' or the parts per block.
 
     'auto' tries every combination of part counts when there are at most EXHAUSTIVE_PLANS, and takes
-    the one with the fewest parts among those within 1% of the fastest estimate (fewer parts, fewer
-    gradient sums: the safer choice when estimates tie). With more, it starts from whole blocks and
-    repeatedly takes the single change of one block's part count that shortens the estimate most,
-    while that gains more than 1%. Plans that leave a worker idle come last.
+    the one with the fewest parts among those within SPLIT_MARGIN of the fastest estimate. With more,
+    it starts from whole blocks and repeatedly takes the single change of one block's part count that
+    shortens the estimate most, while that gains more than SPLIT_MARGIN. Plans that leave a worker
+    idle come last.
     """
     n, most = len(costs[1]), max(costs)
     check_split(n, most, group_size, split)
@@ -237,12 +242,14 @@ def plan_feedback(costs: dict[int, list[float]], group_size: int, split: str | l
         plans = [schedule(list(p), costs, group_size) for p in itertools.product(range(1, most + 1), repeat=n)]
         useful = [p for p in plans if not _idle_workers(p, group_size)]
         fastest = min(p.makespan for p in useful)
-        return min((p for p in useful if p.makespan <= 1.01 * fastest), key=lambda p: (sum(p.pieces), p.makespan))
+        close = (p for p in useful if p.makespan <= (1 + SPLIT_MARGIN) * fastest)
+        return min(close, key=lambda p: (sum(p.pieces), p.makespan))
     while True:
         changes = [plan.pieces[:i] + [m] + plan.pieces[i + 1 :] for i in range(n) for m in range(1, most + 1)]
         best = min((schedule(p, costs, group_size) for p in changes),
                    key=lambda c: (_idle_workers(c, group_size), c.makespan))
-        if (_idle_workers(best, group_size), best.makespan) >= (_idle_workers(plan, group_size), 0.99 * plan.makespan):
+        gain_needed = (1 - SPLIT_MARGIN) * plan.makespan
+        if (_idle_workers(best, group_size), best.makespan) >= (_idle_workers(plan, group_size), gain_needed):
             return plan
         plan = best
 
@@ -340,12 +347,12 @@ class Layout:
     def replica_rows(self, batch: int) -> slice:
         return split_rows(slice(0, batch), self.replicas, self.replica)
 
-    def shard(self, i: int, local_rank: int, batch: int) -> BlockShard:
+    def shard(self, i: int, local_rank: int, batch: int, noise: BlockNoise | None = None) -> BlockShard:
         """The rows (of the full batch) that `local_rank` of this replica trains block i on."""
         owners = self.plan.owners[i - 1]
         rows = split_rows(self.replica_rows(batch), len(owners), owners.index(local_rank))
         group = self.block_groups.get(i)
-        return BlockShard(rows, None if group is None else partial(_all_reduce_flat, group=group))
+        return BlockShard(rows, None if group is None else partial(_all_reduce_flat, group=group), noise)
 
     def local_rows(self, i: int, local_rank: int, batch: int) -> slice:
         """The same rows, indexed within this replica's share of the batch."""
@@ -379,6 +386,33 @@ class ReplicaGroup:
     def all_reduce(self, tensors: list[Tensor]) -> None:
         if self.layout.replicas > 1 and tensors:
             _all_reduce_flat(tensors, self.layout.leaders_group)
+
+
+class NoiseAhead:
+    """Next step's feedback noise for one rank's parts, drawn while that rank would otherwise wait.
+
+    Noise depends only on (seed, block, step, rows), so drawing it early changes nothing. Steps follow
+    one another; a rank whose guess of the next step is wrong (e.g. after a resume) draws afresh.
+    """
+
+    def __init__(self, network: DTPNetwork, cfg: dict[str, Any], layout: Layout, local_rank: int, step: int,
+                 batch: int, device: torch.device) -> None:
+        fb = cfg["feedback"]
+        self.step, self.batch, self.samples = step, batch, fb["samples"]
+        blocks = layout.plan.blocks_of(local_rank)
+        self.noises = {i: BlockNoise(cfg["seed"], i, step, layout.shard(i, local_rank, batch).rows, device)
+                       for i in blocks}
+        self.todo = deque((i, network.block_input_shapes[i], network.block_output_shapes[i], fb["noise"][i - 1])
+                          for i in blocks for _ in range(fb["iterations"][i - 1]))
+
+    def draw_until(self, done: Callable[[], bool]) -> None:
+        """Draw iteration after iteration, in training order, until `done()` or the step is drawn."""
+        while self.todo and not done():
+            i, x_shape, y_shape, sigma = self.todo.popleft()
+            self.noises[i].draw_ahead(self.samples, x_shape, y_shape, sigma)
+
+    def take(self, step: int, batch: int) -> dict[int, BlockNoise]:
+        return self.noises if (step, batch) == (self.step, self.batch) else {}
 
 
 def _train_timed(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict[str, Any], i: int,
@@ -421,6 +455,7 @@ class DistributedFeedback:
     costs: dict[int, list[float]]
     started: bool = False
     history: list[tuple[float, StepTiming]] = field(default_factory=list)
+    ahead: NoiseAhead | None = None
 
     def _send_initial_state(self) -> None:
         for r in self.layout.workers():
@@ -454,14 +489,19 @@ class DistributedFeedback:
             pending.append(dist.irecv(t, layout.leader + r))
         losses: dict[int, Tensor] = {}
         block_s = [0.0] * self.network.n_feedback
+        drawn = self.ahead.take(step, batch_total) if self.ahead else {}
         for i in plan.blocks_of(LEADER):
             x = block_inputs[i - 1][layout.local_rows(i, LEADER, batch_total)]
+            shard = layout.shard(i, LEADER, batch_total, drawn.get(i))
             losses[i], block_s[i - 1] = _train_timed(self.network, self.optimizers, self.cfg, i, x, step,
-                                                     self.runtime, batch_total, layout.shard(i, LEADER, batch_total))
+                                                     self.runtime, batch_total, shard)
         wait0 = time.perf_counter()
+        self.ahead = NoiseAhead(self.network, self.cfg, layout, LEADER, step + 1, batch_total, self.runtime.device)
+        self.ahead.draw_until(lambda: all(work.is_completed() for work in pending))
+        drawing = time.perf_counter() - wait0
         for work in pending:
             work.wait()
-        wait = time.perf_counter() - wait0
+        wait = time.perf_counter() - wait0 - drawing
         for i in reported:
             vec = states[i]
             _load_state_vector(self.network, self.optimizers[i - 1], i, vec[:-BLOCK_EXTRA])
@@ -533,9 +573,14 @@ def run_worker(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict
     mine = layout.plan.blocks_of(me)
     control = torch.zeros(3, dtype=torch.int64, device=device)
     started = False
+    ahead: NoiseAhead | None = None
     while True:
         t0 = time.perf_counter()
-        dist.broadcast(control, leader, group=layout.replica_group)
+        work = dist.broadcast(control, leader, group=layout.replica_group, async_op=True)
+        if ahead is not None:
+            ahead.draw_until(work.is_completed)
+        drawing = time.perf_counter() - t0
+        work.wait()
         cmd, step, batch = control.tolist()
         if cmd == CMD_STOP:
             return
@@ -554,14 +599,15 @@ def run_worker(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict
             pending.append(dist.irecv(inputs[i], leader))
         for work in pending:
             work.wait()
-        wait = time.perf_counter() - t0
-        compute0 = time.perf_counter()
+        wait = time.perf_counter() - t0 - drawing
+        compute0 = time.perf_counter() - drawing
         outgoing = []
+        drawn = ahead.take(step, batch) if ahead else {}
         for i in mine:
             with torch.no_grad():
                 vector_to_parameters(fwd_vecs[i], list(network.forward_blocks[i].parameters()))
             loss, seconds = _train_timed(network, optimizers, cfg, i, inputs[i], step, runtime, batch,
-                                         layout.shard(i, me, batch))
+                                         layout.shard(i, me, batch, drawn.get(i)))
             if layout.primary(i) == me:
                 extra = torch.tensor([loss.item(), seconds], device=device)
                 outgoing.append(torch.cat([_state_vector(network, optimizers[i - 1], i), extra]))
@@ -573,3 +619,4 @@ def run_worker(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict
         comm = time.perf_counter() - comm0
         timing = torch.tensor([compute, comm, wait, peak_rss_mib()], dtype=torch.float64, device=device)
         dist.send(timing, leader)
+        ahead = NoiseAhead(network, cfg, layout, me, step + 1, batch, device)

