@@ -5,7 +5,6 @@ This is the only place the math lives; the sequential and the parallel trainers 
 from __future__ import annotations
 
 import math
-from collections import deque
 from contextlib import AbstractContextManager, nullcontext
 from typing import Callable
 
@@ -18,7 +17,6 @@ from dtp.seeding import seeded_generator
 
 Autocast = Callable[[], AbstractContextManager]
 AllReduce = Callable[[list[Tensor]], None]  # sums tensors in place over the processes sharing a block
-Shape = tuple[int, ...] | torch.Size
 FEEDBACK_NOISE_STREAM = 1
 
 
@@ -48,32 +46,18 @@ class BlockNoise:
         start, stop = rows.start, rows.stop
         if start % NOISE_CHUNK_ROWS:
             raise ValueError(f"noise rows must start on a multiple of {NOISE_CHUNK_ROWS}, got {start}")
-        self.device = device
         self.chunks = [
             (min(NOISE_CHUNK_ROWS, stop - first), noise_generator(seed, block, step, first // NOISE_CHUNK_ROWS, device))
             for first in range(start, stop, NOISE_CHUNK_ROWS)
         ]
-        self.ahead: deque[tuple[Tensor, Tensor]] = deque()
-
-    def _draw_now(self, samples: int, x_shape: Shape, y_shape: Shape, sigma: float) -> tuple[Tensor, Tensor]:
-        dx, dy = [], []
-        for rows, gen in self.chunks:
-            dx.append(torch.randn((samples, rows, *x_shape), generator=gen, device=self.device))
-            dy.append(torch.randn((samples, rows, *y_shape), generator=gen, device=self.device))
-        return sigma * torch.cat(dx, 1), sigma * torch.cat(dy, 1)
 
     def draw(self, samples: int, x: Tensor, y: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
-        """dx (K×rows×x-shape) and dy (K×rows×y-shape) for the next iteration, scaled by sigma.
-
-        Drawn in fp32 whatever the dtype of x and y, then cast to it, so noise is the same in every
-        precision and can be drawn ahead without knowing it.
-        """
-        dx, dy = self.ahead.popleft() if self.ahead else self._draw_now(samples, x.shape[1:], y.shape[1:], sigma)
-        return dx.to(x.dtype), dy.to(y.dtype)
-
-    def draw_ahead(self, samples: int, x_shape: Shape, y_shape: Shape, sigma: float) -> None:
-        """Draw the next iteration not drawn yet, now (e.g. while waiting on a peer); `draw` returns it later."""
-        self.ahead.append(self._draw_now(samples, x_shape, y_shape, sigma))
+        """dx (K×rows×x-shape) and dy (K×rows×y-shape) for the next iteration, scaled by sigma."""
+        dx, dy = [], []
+        for rows, gen in self.chunks:
+            dx.append(torch.randn((samples, rows, *x.shape[1:]), generator=gen, device=x.device, dtype=x.dtype))
+            dy.append(torch.randn((samples, rows, *y.shape[1:]), generator=gen, device=y.device, dtype=y.dtype))
+        return sigma * torch.cat(dx, 1), sigma * torch.cat(dy, 1)
 
 
 def _sum_per_sample(t: Tensor) -> Tensor:

@@ -19,11 +19,10 @@ import math
 import os
 import resource
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -347,12 +346,12 @@ class Layout:
     def replica_rows(self, batch: int) -> slice:
         return split_rows(slice(0, batch), self.replicas, self.replica)
 
-    def shard(self, i: int, local_rank: int, batch: int, noise: BlockNoise | None = None) -> BlockShard:
+    def shard(self, i: int, local_rank: int, batch: int) -> BlockShard:
         """The rows (of the full batch) that `local_rank` of this replica trains block i on."""
         owners = self.plan.owners[i - 1]
         rows = split_rows(self.replica_rows(batch), len(owners), owners.index(local_rank))
         group = self.block_groups.get(i)
-        return BlockShard(rows, None if group is None else partial(_all_reduce_flat, group=group), noise)
+        return BlockShard(rows, None if group is None else partial(_all_reduce_flat, group=group))
 
     def local_rows(self, i: int, local_rank: int, batch: int) -> slice:
         """The same rows, indexed within this replica's share of the batch."""
@@ -386,33 +385,6 @@ class ReplicaGroup:
     def all_reduce(self, tensors: list[Tensor]) -> None:
         if self.layout.replicas > 1 and tensors:
             _all_reduce_flat(tensors, self.layout.leaders_group)
-
-
-class NoiseAhead:
-    """Next step's feedback noise for one rank's parts, drawn while that rank would otherwise wait.
-
-    Noise depends only on (seed, block, step, rows), so drawing it early changes nothing. Steps follow
-    one another; a rank whose guess of the next step is wrong (e.g. after a resume) draws afresh.
-    """
-
-    def __init__(self, network: DTPNetwork, cfg: dict[str, Any], layout: Layout, local_rank: int, step: int,
-                 batch: int, device: torch.device) -> None:
-        fb = cfg["feedback"]
-        self.step, self.batch, self.samples = step, batch, fb["samples"]
-        blocks = layout.plan.blocks_of(local_rank)
-        self.noises = {i: BlockNoise(cfg["seed"], i, step, layout.shard(i, local_rank, batch).rows, device)
-                       for i in blocks}
-        self.todo = deque((i, network.block_input_shapes[i], network.block_output_shapes[i], fb["noise"][i - 1])
-                          for i in blocks for _ in range(fb["iterations"][i - 1]))
-
-    def draw_until(self, done: Callable[[], bool]) -> None:
-        """Draw iteration after iteration, in training order, until `done()` or the step is drawn."""
-        while self.todo and not done():
-            i, x_shape, y_shape, sigma = self.todo.popleft()
-            self.noises[i].draw_ahead(self.samples, x_shape, y_shape, sigma)
-
-    def take(self, step: int, batch: int) -> dict[int, BlockNoise]:
-        return self.noises if (step, batch) == (self.step, self.batch) else {}
 
 
 def _train_timed(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict[str, Any], i: int,
@@ -455,7 +427,6 @@ class DistributedFeedback:
     costs: dict[int, list[float]]
     started: bool = False
     history: list[tuple[float, StepTiming]] = field(default_factory=list)
-    ahead: NoiseAhead | None = None
 
     def _send_initial_state(self) -> None:
         for r in self.layout.workers():
@@ -489,19 +460,14 @@ class DistributedFeedback:
             pending.append(dist.irecv(t, layout.leader + r))
         losses: dict[int, Tensor] = {}
         block_s = [0.0] * self.network.n_feedback
-        drawn = self.ahead.take(step, batch_total) if self.ahead else {}
         for i in plan.blocks_of(LEADER):
             x = block_inputs[i - 1][layout.local_rows(i, LEADER, batch_total)]
-            shard = layout.shard(i, LEADER, batch_total, drawn.get(i))
             losses[i], block_s[i - 1] = _train_timed(self.network, self.optimizers, self.cfg, i, x, step,
-                                                     self.runtime, batch_total, shard)
+                                                     self.runtime, batch_total, layout.shard(i, LEADER, batch_total))
         wait0 = time.perf_counter()
-        self.ahead = NoiseAhead(self.network, self.cfg, layout, LEADER, step + 1, batch_total, self.runtime.device)
-        self.ahead.draw_until(lambda: all(work.is_completed() for work in pending))
-        drawing = time.perf_counter() - wait0
         for work in pending:
             work.wait()
-        wait = time.perf_counter() - wait0 - drawing
+        wait = time.perf_counter() - wait0
         for i in reported:
             vec = states[i]
             _load_state_vector(self.network, self.optimizers[i - 1], i, vec[:-BLOCK_EXTRA])
@@ -573,14 +539,9 @@ def run_worker(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict
     mine = layout.plan.blocks_of(me)
     control = torch.zeros(3, dtype=torch.int64, device=device)
     started = False
-    ahead: NoiseAhead | None = None
     while True:
         t0 = time.perf_counter()
-        work = dist.broadcast(control, leader, group=layout.replica_group, async_op=True)
-        if ahead is not None:
-            ahead.draw_until(work.is_completed)
-        drawing = time.perf_counter() - t0
-        work.wait()
+        dist.broadcast(control, leader, group=layout.replica_group)
         cmd, step, batch = control.tolist()
         if cmd == CMD_STOP:
             return
@@ -599,15 +560,14 @@ def run_worker(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict
             pending.append(dist.irecv(inputs[i], leader))
         for work in pending:
             work.wait()
-        wait = time.perf_counter() - t0 - drawing
-        compute0 = time.perf_counter() - drawing
+        wait = time.perf_counter() - t0
+        compute0 = time.perf_counter()
         outgoing = []
-        drawn = ahead.take(step, batch) if ahead else {}
         for i in mine:
             with torch.no_grad():
                 vector_to_parameters(fwd_vecs[i], list(network.forward_blocks[i].parameters()))
             loss, seconds = _train_timed(network, optimizers, cfg, i, inputs[i], step, runtime, batch,
-                                         layout.shard(i, me, batch, drawn.get(i)))
+                                         layout.shard(i, me, batch))
             if layout.primary(i) == me:
                 extra = torch.tensor([loss.item(), seconds], device=device)
                 outgoing.append(torch.cat([_state_vector(network, optimizers[i - 1], i), extra]))
@@ -619,4 +579,3 @@ def run_worker(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict
         comm = time.perf_counter() - comm0
         timing = torch.tensor([compute, comm, wait, peak_rss_mib()], dtype=torch.float64, device=device)
         dist.send(timing, leader)
-        ahead = NoiseAhead(network, cfg, layout, me, step + 1, batch, device)

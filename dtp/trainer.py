@@ -101,12 +101,10 @@ class WholeBatch:
 
 @dataclass(frozen=True)
 class BlockShard:
-    """The rows of the full batch a process trains one feedback block on, the sum over the parts, and
-    the block's noise for this step if some was drawn ahead."""
+    """The rows of the full batch a process trains one feedback block on, and the sum over the parts."""
 
     rows: slice
     all_reduce: AllReduce | None
-    noise: BlockNoise | None = None
 
 
 def make_feedback_optimizers(network: DTPNetwork, cfg: dict[str, Any]) -> list[torch.optim.SGD]:
@@ -154,7 +152,7 @@ def train_blocks(
             iterations=fb["iterations"][i - 1],
             sigma=fb["noise"][i - 1],
             samples=fb["samples"],
-            noise=shard.noise or BlockNoise(cfg["seed"], i, step, shard.rows, runtime.device),
+            noise=BlockNoise(cfg["seed"], i, step, shard.rows, runtime.device),
             autocast=runtime.autocast,
             batch_total=batch_total,
             all_reduce=shard.all_reduce,

@@ -189,17 +189,6 @@ def test_a_part_of_the_batch_draws_exactly_its_rows_of_the_full_batch_noise():
         BlockNoise(0, 2, 7, slice(4, 20), CPU)
 
 
-def test_noise_drawn_ahead_is_the_noise_drawn_later():
-    x, y = torch.empty(16, 3, 4, 4), torch.empty(16, 5, 2, 2, dtype=torch.bfloat16)
-    now, ahead = BlockNoise(0, 1, 3, slice(0, 16), CPU), BlockNoise(0, 1, 3, slice(0, 16), CPU)
-    ahead.draw_ahead(2, x.shape[1:], y.shape[1:], 0.5)
-    ahead.draw_ahead(2, x.shape[1:], y.shape[1:], 0.5)
-    for _ in range(3):  # two drawn ahead, then one drawn on demand
-        for a, b in zip(now.draw(2, x, y, 0.5), ahead.draw(2, x, y, 0.5)):
-            assert torch.equal(a, b)
-    assert ahead.draw(2, x, y, 0.5)[1].dtype == torch.bfloat16
-
-
 def test_parts_of_a_batch_sum_to_the_full_batch_loss_and_gradient():
     """Block splitting and replicas rest on this: each part's loss is its share of the full-batch mean."""
     block, feedback = tiny_conv_block()
