@@ -325,19 +325,21 @@ class Layout:
         self.group_size = world // self.replicas
         self.replica, self.local_rank = divmod(self.ctx.rank, self.group_size)
         self.leader = self.replica * self.group_size
-        groups = {}
+        g = self.group_size
+        self.replica_group = self.leaders_group = None  # None: the default group, i.e. everyone
         if self.replicas > 1:
             for r in range(self.replicas):
-                groups[("replica", r)] = dist.new_group(list(range(r * self.group_size, (r + 1) * self.group_size)))
-            groups["leaders"] = dist.new_group([r * self.group_size for r in range(self.replicas)])
+                group = dist.new_group(list(range(r * g, (r + 1) * g)))
+                if r == self.replica:
+                    self.replica_group = group
+            self.leaders_group = dist.new_group([r * g for r in range(self.replicas)])
+        self.block_groups: dict[int, dist.ProcessGroup] = {}
         for i, owners in enumerate(self.plan.owners, start=1):
-            ranks = [r * self.group_size + o for r in range(self.replicas) for o in owners]
+            ranks = [r * g + o for r in range(self.replicas) for o in owners]
             if len(ranks) > 1:
-                groups[("block", i)] = dist.new_group(ranks)
-        self.replica_group = groups.get(("replica", self.replica))
-        self.leaders_group = groups.get("leaders")
-        self.block_groups = {i: groups[("block", i)] for i in range(1, len(self.plan.owners) + 1)
-                             if ("block", i) in groups}
+                group = dist.new_group(ranks)
+                if self.ctx.rank in ranks:
+                    self.block_groups[i] = group
 
     @property
     def is_replica_leader(self) -> bool:

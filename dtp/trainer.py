@@ -381,7 +381,7 @@ def run_training(
     stop.install()
     stopping = False
     writer = SummaryWriter(log_dir=str(out_dir)) if main else None
-    if writer:
+    if main:
         writer.add_text("config", "```\n" + config_lib.to_yaml(cfg) + "\n```", step)
     log_every, angles_every = cfg["log"]["every"], cfg["log"]["angles_every"]
     n_fb = network.n_feedback
@@ -410,7 +410,7 @@ def run_training(
         n_batches = min(steps_per_epoch - first, total_steps - step)
         ce_meter, top1_meter = AverageMeter(), AverageMeter()
         bar = tqdm(total=n_batches, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=True,
-                   disable=True if not main else None)
+                   disable=None if main else True)
         batches = train_loader.epoch(epoch, start=first)
         for _ in range(n_batches):
             t0 = time.perf_counter()
@@ -429,7 +429,7 @@ def run_training(
             step += 1
             bar.set_postfix(loss=f"{ce_meter.avg:.3f}", top1=f"{top1_meter.avg:.3f}", img_s=f"{batch_total / dt:.0f}")
             bar.update()
-            if writer and (step % log_every == 0 or step == total_steps):
+            if main and (step % log_every == 0 or step == total_steps):
                 writer.add_scalar("train/loss", ce, step)
                 writer.add_scalar("train/top1", acc, step)
                 writer.add_scalar("train/forward_lr", forward_opt.param_groups[0]["lr"], step)
@@ -440,7 +440,7 @@ def run_training(
                     writer.add_scalar(f"feedback_loss/block{i}", float(l), step)
                 if feedback is not None:
                     feedback.log(writer, step)
-            if writer and cfg["algorithm"] != "bp" and (step % angles_every == 0 or step == total_steps):
+            if main and cfg["algorithm"] != "bp" and (step % angles_every == 0 or step == total_steps):
                 for i in range(1, n_fb + 1):
                     angle, dist = weight_alignment(network.forward_blocks[i], network.feedback_blocks[i])
                     writer.add_scalar(f"alignment/angle_block{i}", angle, step)
@@ -451,7 +451,7 @@ def run_training(
         if step % steps_per_epoch == 0:
             scheduler.step()
             evaluated_at = step
-            if not writer:
+            if not main:
                 continue
             metrics = evaluate(network, test_loader, runtime)
             for key, value in metrics.items():
@@ -462,14 +462,14 @@ def run_training(
             )
             checkpoint()
     if stopping:
-        if writer:
+        if main:
             if evaluated_at != step:
                 checkpoint()
             writer.close()
             tqdm.write(f"{stop.received or 'a stop signal'} received: stopped at step {step} with a checkpoint in "
                        f"{out_dir}; continue with --resume {out_dir}")
         return {"stopped_by": stop.received or "another copy", "steps": step}
-    if not writer:
+    if not main:
         return {"steps": step}
     if evaluated_at != step:
         metrics = evaluate(network, test_loader, runtime)
