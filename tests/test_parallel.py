@@ -53,11 +53,12 @@ def test_checkpoints_resume_across_scripts_and_world_sizes(tmp_path, tiny_npz):
     common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "2"]
     straight, mixed = tmp_path / "straight", tmp_path / "mixed"
     assert_ok(run_script("train_sequential.py", *common, "--out", str(straight)))
-    # Parallel with 3 ranks for 3 steps, sequential up to 5, parallel with 2 ranks to the end.
+    # Parallel with 3 ranks for 3 steps, sequential up to 5, then 2 replicas of 1 rank to the end
+    # (the second replica's leader starts from the checkpoint rank 0 read).
     assert_ok(run_torchrun(3, *common, "--max-steps", "3", "--out", str(mixed)))
     assert_ok(run_script("train_sequential.py", "--resume", str(mixed), "--max-steps", "5"))
     assert load(mixed)["step"] == 5
-    assert_ok(run_torchrun(2, "--resume", str(mixed)))
+    assert_ok(run_torchrun(2, "--resume", str(mixed), "--replicas", "2"))
     assert_parity(load(straight), load(mixed))
 
 
