@@ -137,25 +137,26 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
-def kill_rank_after_first_checkpoint(out: Path, *args: str, restarts: int = 0) -> tuple[int, str]:
-    """Run 3 ranks into `out`, SIGKILL rank 1 once a checkpoint exists; return (exit code, stderr)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+def signal_rank_after_first_checkpoint(out: Path, *args: str, nproc: int = 3, rank: int = 1,
+                                      sig: int = signal.SIGKILL, restarts: int = 0) -> tuple[int, str, str]:
+    """Run `nproc` ranks into `out`, send `sig` to `rank` once a checkpoint exists; return (code, stdout, stderr)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            f"--max-restarts={restarts}", str(ROOT / "train_parallel.py"), *args, "--out", str(out), "--timeout-s", "60"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=script_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 120
     while not (out / "checkpoint.pt").exists() and time.time() < deadline:
         time.sleep(0.05)
-    victim = _rank_pid(proc.pid, 1)
-    assert victim is not None
-    os.kill(victim, signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=300)
-    return proc.returncode, stderr
+    target = _rank_pid(proc.pid, rank)
+    assert target is not None
+    os.kill(target, sig)
+    stdout, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stdout, stderr
 
 
 def test_a_dead_rank_ends_the_job_without_a_hang_and_keeps_the_checkpoint(tmp_path, tiny_npz):
     out = tmp_path / "run"
-    code, stderr = kill_rank_after_first_checkpoint(
+    code, _, stderr = signal_rank_after_first_checkpoint(
         out, "--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "1000")
     assert code != 0
     assert "train_parallel.py FAILED" in stderr
@@ -167,7 +168,7 @@ def test_elastic_restart_after_a_dead_rank_finishes_like_an_uninterrupted_run(tm
     common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "6"]
     straight, elastic = tmp_path / "straight", tmp_path / "elastic"
     assert_ok(run_script("train_sequential.py", *common, "--out", str(straight)))
-    code, stderr = kill_rank_after_first_checkpoint(elastic, *common, "--resume", "auto", restarts=1)
+    code, _, stderr = signal_rank_after_first_checkpoint(elastic, *common, "--resume", "auto", restarts=1)
     assert code == 0, stderr[-3000:]
     assert "exitcode: -9" in stderr  # the killed rank was seen, and the restarted group finished
     result = load(elastic)
@@ -190,3 +191,17 @@ def test_two_simulated_nodes_with_a_replica_each_equal_one_process(tmp_path, seq
         assert node.returncode == 0, stderr[-3000:]
     assert any("2 replica(s) of 2 rank(s)" in stdout for stdout, _ in results)
     assert_parity(sequential_reference, load(out))
+
+
+def test_sigusr1_to_rank_0_stops_every_replica_at_one_step_and_resumes_exactly(tmp_path, tiny_npz):
+    """The requeue path with replicas: only rank 0 gets the signal; all replicas stop together."""
+    common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "1000"]
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    code, stdout, stderr = signal_rank_after_first_checkpoint(out, *common, "--replicas", "2", nproc=2, rank=0,
+                                                             sig=signal.SIGUSR1)
+    assert code == 0, stderr[-3000:]
+    assert "SIGUSR1 received: stopped at step" in stdout + stderr
+    target = str(load(out)["step"] + 2)
+    assert_ok(run_torchrun(2, "--resume", str(out), "--replicas", "2", "--max-steps", target))
+    assert_ok(run_script("train_sequential.py", *common, "--max-steps", target, "--out", str(straight)))
+    assert_parity(load(straight), load(out))
