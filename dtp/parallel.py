@@ -178,6 +178,14 @@ class FeedbackPlan:
     def blocks_of(self, local_rank: int) -> list[int]:
         return [i for i in self.order if local_rank in self.owners[i - 1]]
 
+    def feedback_time(self, part_s: list[float]) -> float:
+        """This plan's feedback seconds per step if each part of block i takes part_s[i−1] seconds."""
+        ready: dict[int, float] = {}
+        for i in self.order:
+            finish = max(ready.get(r, 0.0) for r in self.owners[i - 1]) + part_s[i - 1]
+            ready.update((r, finish) for r in self.owners[i - 1])
+        return max(ready.values())
+
 
 def schedule(pieces: list[int], costs: dict[int, list[float]], group_size: int) -> FeedbackPlan:
     """Place each block's parts on the least busy ranks, most expensive block first; estimate the time.
@@ -226,7 +234,7 @@ def plan_feedback(costs: dict[int, list[float]], group_size: int, split: str | l
     shortens the estimate most, while that gains more than SPLIT_MARGIN. Plans that leave a worker
     idle come last.
     """
-    n, most = len(costs[1]), max(costs)
+    n, most = len(costs[1]), min(max(costs), group_size)  # a block has at most one part per rank
     check_split(n, most, group_size, split)
     if isinstance(split, list):
         plan = schedule(split, costs, group_size)
@@ -321,11 +329,9 @@ class Layout:
     plan: FeedbackPlan
 
     def __post_init__(self) -> None:
-        world = self.ctx.world_size
-        self.group_size = world // self.replicas
-        self.replica, self.local_rank = divmod(self.ctx.rank, self.group_size)
-        self.leader = self.replica * self.group_size
-        g = self.group_size
+        self.group_size = g = self.ctx.world_size // self.replicas
+        self.replica, self.local_rank = divmod(self.ctx.rank, g)
+        self.leader = self.replica * g
         self.replica_group = self.leaders_group = None  # None: the default group, i.e. everyone
         if self.replicas > 1:
             for r in range(self.replicas):
@@ -493,8 +499,8 @@ class DistributedFeedback:
         """Parallel efficiency and the cost-model bound (DESIGN.md §6) of one layer-parallel group.
 
         Per-block times are measured in the run; a split block's part time is scaled to a whole block
-        with the start-up measurement's ratio. The bound is the plan's schedule of those times plus the
-        leader's non-feedback time. Averages skip the first step (warm-up) and need the wall time of a
+        with the start-up measurement's ratio. The bound is this plan's feedback time with the measured
+        part times, plus the leader's non-feedback time. Averages skip the first step (warm-up) and need the wall time of a
         step, known when the next step starts; with fewer than three steps every timed step is used.
         """
         timed = [t for _, t in self.history if t.wall is not None]
@@ -511,8 +517,6 @@ class DistributedFeedback:
         part_s = [sum(t.block_s[i] for t in steps) / n for i in range(self.network.n_feedback)]
         whole_s = [p * self.costs[1][i] / self.costs[m][i] for i, (p, m) in enumerate(zip(part_s, plan.pieces))]
         rest = max(wall - sum(t.phase for t in steps) / n, 0.0)  # forward pass, targets, update, data, logging
-        in_run = {m: [p if plan.pieces[i] == m else w for i, (p, w) in enumerate(zip(part_s, whole_s))]
-                  for m in set(plan.pieces) | {1}}
         sequential_estimate = sum(whole_s) + rest
         leader_busy = wall - sum(t.leader_wait for t in steps) / n
         busy = leader_busy + sum(t.worker_busy for t in steps) / n
@@ -522,7 +526,7 @@ class DistributedFeedback:
             "block_pieces": plan.pieces,
             "leader_non_feedback_s": rest,
             "efficiency": busy / (layout.group_size * wall),
-            "speedup_bound": sequential_estimate / (schedule(plan.pieces, in_run, layout.group_size).makespan + rest),
+            "speedup_bound": sequential_estimate / (plan.feedback_time(part_s) + rest),
             "speedup_estimate": sequential_estimate / wall,
             "peak_rss_mib": {str(layout.ctx.rank): peak_rss_mib(),
                              **{str(layout.leader + r): v[3] for r, v in steps[-1].ranks.items()}},

@@ -105,6 +105,9 @@ def test_plan_splits_the_heavy_block_when_whole_blocks_cannot_balance():
     assert plan.pieces[0] > 1  # block 1 alone caps whole-block plans at 6.5 s
     assert plan.makespan < 0.8 * plan_feedback(costs, 6, "none").makespan
     assert plan.makespan >= sum(whole) / 6 - 1e-9
+    assert plan.feedback_time([costs[m][i] for i, m in enumerate(plan.pieces)]) == pytest.approx(plan.makespan)
+    two = plan_feedback(costs, 2, "auto")  # costs for up to 6 parts, but a block has one part per rank at most
+    assert max(two.pieces) <= 2 and two.makespan >= sum(whole) / 2 - 1e-9
     # Splitting that does not pay (a part costs as much as the whole block) is not chosen.
     flat = {m: whole for m in range(1, 3)}
     assert plan_feedback(flat, 2, "auto").pieces == [1] * 5
