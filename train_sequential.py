@@ -10,7 +10,9 @@ from accelerate.utils import set_seed
 
 from dtp.cli import build_network, build_parser, exit_on_user_error, load_data, resolve_run
 from dtp.config import to_yaml
-from dtp.trainer import LocalFeedback, Runtime, make_feedback_optimizers, run_training
+from dtp.feedback import LocalFeedback, make_feedback_optimizers
+from dtp.runtime import Runtime
+from dtp.trainer import Trainer
 
 
 def main() -> None:
@@ -28,9 +30,10 @@ def main() -> None:
     else:
         feedback_optimizers = make_feedback_optimizers(network, cfg)
         feedback = LocalFeedback(network, feedback_optimizers, cfg, runtime)
-    summary = run_training(
-        cfg, data, network, feedback_optimizers, feedback, runtime, run.out_dir, run.max_steps, run.resume_state
-    )
+    trainer = Trainer(cfg, network, feedback_optimizers, feedback, runtime)
+    if run.resume_state is not None:
+        trainer.load_state_dict(run.resume_state)
+    summary = trainer.fit(data, run.out_dir, run.max_steps)
     if "stopped_by" in summary:
         return
     print(f"done: val top-1 {summary['val_top1']:.4f}, {summary['steps']} steps, "

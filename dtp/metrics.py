@@ -1,5 +1,7 @@
-"""Running averages and accuracy, in the style of pytorch/examples imagenet."""
+"""Running averages, accuracy and memory, in the style of pytorch/examples imagenet."""
 from __future__ import annotations
+
+import resource
 
 import torch
 from torch import Tensor
@@ -28,3 +30,8 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -
     top = logits.topk(kmax, dim=1).indices
     hits = top.eq(labels.unsqueeze(1))
     return [hits[:, : min(k, kmax)].any(dim=1).sum() for k in ks]
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,8 +1,9 @@
 """The training loop shared by train_sequential.py and train_parallel.py.
 
-The loop does not know how feedback blocks are laid out over processes: it hands the block inputs to
-a FeedbackPhase (LocalFeedback here, dtp.parallel.DistributedFeedback under torchrun) and gets the
-trained feedback weights back in its own modules.
+`Trainer` reads top to bottom: restore (`load_state_dict`), then per epoch `train_epoch`,
+`evaluate` and `save_checkpoint` (`state_dict`), then `finish`. The loop does not know how feedback
+blocks are laid out over processes (it hands the block inputs to a FeedbackPhase) nor how data-
+parallel copies map to ranks (a DataReplica).
 """
 from __future__ import annotations
 
@@ -10,9 +11,7 @@ import math
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,51 +22,14 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from dtp import config as config_lib
-from dtp.algorithm import (
-    AllReduce,
-    Autocast,
-    BlockNoise,
-    forward_losses,
-    forward_pass,
-    propagate_targets,
-    train_feedback_block,
-    weight_alignment,
-)
+from dtp.algorithm import forward_losses, forward_pass, propagate_targets, weight_alignment
 from dtp.checkpoint import save_checkpoint, save_summary
 from dtp.data import BatchLoader, DatasetSplits
 from dtp.errors import TrainingError, UserError
+from dtp.feedback import FeedbackPhase
 from dtp.metrics import AverageMeter, topk_correct
 from dtp.models import DTPNetwork
-
-
-@dataclass
-class Runtime:
-    """Where this process computes and how: device and the autocast context (bf16 or none)."""
-
-    device: torch.device
-    autocast: Autocast = nullcontext
-
-
-def autocast_for(device: torch.device, mixed_precision: str) -> Autocast:
-    """bf16 autocast on `device`, or none; what Accelerate provides to the sequential script."""
-    if mixed_precision == "bf16":
-        return partial(torch.autocast, device.type, dtype=torch.bfloat16)
-    return nullcontext
-
-
-class FeedbackPhase(Protocol):
-    def train(self, block_inputs: list[Tensor], step: int, batch_total: int) -> list[Tensor]:
-        """Train G_1..G_N on their inputs h_0..h_{N-1} (this process's rows of a batch of `batch_total`);
-        return each block's mean L-DRL loss over the full batch."""
-
-    def log(self, writer: SummaryWriter, step: int) -> None:
-        """Write this phase's own per-step figures (timings) to TensorBoard."""
-
-    def summary(self) -> dict[str, Any]:
-        """Figures for summary.json."""
-
-    def close(self) -> None:
-        """Release workers, if any."""
+from dtp.runtime import Runtime
 
 
 class DataReplica(Protocol):
@@ -75,7 +37,7 @@ class DataReplica(Protocol):
 
     The loop takes its rows of each batch, sums forward gradients and step statistics over the copies
     and leaves logging, evaluation and checkpoints to the main copy; how copies map to ranks is not
-    its concern (dtp.parallel.ReplicaGroup under torchrun).
+    its concern (dtp.parallel.layout.ReplicaGroup under torchrun).
     """
 
     is_main: bool
@@ -96,93 +58,6 @@ class WholeBatch:
         return slice(0, batch)
 
     def all_reduce(self, tensors: list[Tensor]) -> None:
-        pass
-
-
-@dataclass(frozen=True)
-class BlockShard:
-    """The rows of the full batch a process trains one feedback block on, and the sum over the parts."""
-
-    rows: slice
-    all_reduce: AllReduce | None
-
-
-def make_feedback_optimizers(network: DTPNetwork, cfg: dict[str, Any]) -> list[torch.optim.SGD]:
-    """One SGD per trainable feedback block (list index i−1 for G_i), momentum buffers created as zeros.
-
-    Zero buffers behave exactly like SGD's lazily created ones and make the state flat-serialisable
-    from the first step, which the parallel trainer relies on.
-    """
-    optimizers = []
-    for i in range(1, network.n_feedback + 1):
-        params = list(network.feedback_blocks[i].parameters())
-        opt = torch.optim.SGD(params, lr=cfg["feedback"]["lr"][i - 1], momentum=cfg["feedback"]["momentum"])
-        for p in params:
-            opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        optimizers.append(opt)
-    return optimizers
-
-
-def train_blocks(
-    network: DTPNetwork,
-    optimizers: list[torch.optim.SGD],
-    cfg: dict[str, Any],
-    blocks: list[int],
-    block_inputs: list[Tensor],
-    step: int,
-    runtime: Runtime,
-    batch_total: int | None = None,
-    shards: dict[int, BlockShard] | None = None,
-) -> dict[int, Tensor]:
-    """Train the given feedback blocks (1-based) one after the other; used by every FeedbackPhase.
-
-    A block listed in `shards` is trained on those rows of a batch of `batch_total` rows, its
-    gradients summed with the other parts every iteration; any other block on its whole input.
-    """
-    fb = cfg["feedback"]
-    losses = {}
-    for i in blocks:
-        x = block_inputs[i - 1]
-        shard = (shards or {}).get(i, BlockShard(slice(0, x.shape[0]), None))
-        losses[i] = train_feedback_block(
-            network.forward_blocks[i],
-            network.feedback_blocks[i],
-            optimizers[i - 1],
-            x,
-            iterations=fb["iterations"][i - 1],
-            sigma=fb["noise"][i - 1],
-            samples=fb["samples"],
-            noise=BlockNoise(cfg["seed"], i, step, shard.rows, runtime.device),
-            autocast=runtime.autocast,
-            batch_total=batch_total,
-            all_reduce=shard.all_reduce,
-        )
-    return losses
-
-
-@dataclass
-class LocalFeedback:
-    """Trains every feedback block in this process; `order` exists to show that order does not matter."""
-
-    network: DTPNetwork
-    optimizers: list[torch.optim.SGD]
-    cfg: dict[str, Any]
-    runtime: Runtime
-    order: list[int] | None = None
-
-    def train(self, block_inputs: list[Tensor], step: int, batch_total: int) -> list[Tensor]:
-        order = self.order or list(range(1, self.network.n_feedback + 1))
-        losses = train_blocks(self.network, self.optimizers, self.cfg, order, block_inputs, step, self.runtime,
-                              batch_total)
-        return [losses[i] for i in sorted(losses)]
-
-    def log(self, writer: SummaryWriter, step: int) -> None:
-        pass
-
-    def summary(self) -> dict[str, Any]:
-        return {}
-
-    def close(self) -> None:
         pass
 
 
@@ -263,7 +138,7 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(network: DTPNetwork, loader: BatchLoader, runtime: Runtime) -> dict[str, float]:
+def evaluate_network(network: DTPNetwork, loader: BatchLoader, runtime: Runtime) -> dict[str, float]:
     network.eval()
     loss, top1, top5, n = torch.zeros(()), torch.zeros(()), torch.zeros(()), 0
     for x, y in loader.epoch(0):
@@ -334,168 +209,215 @@ def _check_finite(result: StepResult, step: int, cfg: dict[str, Any]) -> None:
     raise TrainingError(f"NaN/inf loss at step {step}: {hint}. The last checkpoint was left intact.")
 
 
-def run_training(
-    cfg: dict[str, Any],
-    data: DatasetSplits,
-    network: DTPNetwork,
-    feedback_optimizers: list[torch.optim.SGD],
-    feedback: FeedbackPhase | None,
-    runtime: Runtime,
-    out_dir: Path,
-    max_steps: int | None = None,
-    resume_state: dict[str, Any] | None = None,
-    replica: DataReplica = WholeBatch(),
-) -> dict[str, Any]:
-    """Train until cfg['epochs'] (or max_steps total steps); write TensorBoard, checkpoints, summary.
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return f"val loss {metrics['loss']:.4f} top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f}"
 
-    Only the main data-parallel copy evaluates and writes; every copy stops at the same step.
-    """
-    main = replica.is_main
-    if main:
+
+class RunLog:
+    """What the main copy writes while it trains: TensorBoard events under out_dir, and console lines."""
+
+    def __init__(self, out_dir: Path, cfg: dict[str, Any], step: int) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    train_loader = BatchLoader(data.train_x, data.train_y, cfg["batch_size"], data.mean, data.std,
-                               train=True, seed=cfg["seed"])
-    test_loader = BatchLoader(data.test_x, data.test_y, cfg["eval_batch_size"], data.mean, data.std,
-                              train=False, seed=cfg["seed"])
-    forward_opt, scheduler = build_forward_optimizer(network, cfg)
-    step, wall_before = 0, 0.0
-    if resume_state is not None:
+        self.cfg = cfg
+        self.writer = SummaryWriter(log_dir=str(out_dir))
+        self.writer.add_text("config", "```\n" + config_lib.to_yaml(cfg) + "\n```", step)
+
+    def after_step(self, step: int, last: bool, result: StepResult, lr: float, images_per_s: float,
+                   feedback: FeedbackPhase | None, network: DTPNetwork) -> None:
+        """Scalars every log.every steps, alignment every log.angles_every steps, and both at the last step."""
+        w, log = self.writer, self.cfg["log"]
+        if step % log["every"] == 0 or last:
+            w.add_scalar("train/loss", float(result.ce_loss), step)
+            w.add_scalar("train/top1", float(result.top1), step)
+            w.add_scalar("train/forward_lr", lr, step)
+            w.add_scalar("train/images_per_s", images_per_s, step)
+            for i, l in enumerate(result.forward_losses):
+                w.add_scalar(f"forward_loss/block{i}", float(l), step)
+            for i, l in enumerate(result.feedback_losses, start=1):
+                w.add_scalar(f"feedback_loss/block{i}", float(l), step)
+            if feedback is not None:
+                feedback.log(w, step)
+        if self.cfg["algorithm"] != "bp" and (step % log["angles_every"] == 0 or last):
+            for i in range(1, network.n_feedback + 1):
+                angle, distance = weight_alignment(network.forward_blocks[i], network.feedback_blocks[i])
+                w.add_scalar(f"alignment/angle_block{i}", angle, step)
+                w.add_scalar(f"alignment/distance_block{i}", distance, step)
+
+    def evaluation(self, step: int, metrics: dict[str, float], prefix: str) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(f"val/{key}", value, step)
+        tqdm.write(f"{prefix}{_format_metrics(metrics)}")
+
+    def close(self, final_metrics: dict[str, float] | None = None) -> None:
+        if final_metrics is not None:
+            self.writer.add_hparams(
+                _flat_hparams(self.cfg),
+                {"hparam/val_top1": final_metrics["top1"], "hparam/val_top5": final_metrics["top5"]},
+                run_name=".",
+            )
+        self.writer.close()
+
+
+class Trainer:
+    """Trains one network with one feedback phase; only the main data-parallel copy evaluates and writes."""
+
+    def __init__(self, cfg: dict[str, Any], network: DTPNetwork, feedback_optimizers: list[torch.optim.SGD],
+                 feedback: FeedbackPhase | None, runtime: Runtime, replica: DataReplica = WholeBatch()) -> None:
+        self.cfg, self.network, self.runtime, self.replica = cfg, network, runtime, replica
+        self.feedback, self.feedback_optimizers = feedback, feedback_optimizers
+        self.forward_opt, self.scheduler = build_forward_optimizer(network, cfg)
+        self.step = 0
+        self.steps_per_epoch = 1
+        self.wall_before = 0.0  # seconds of the earlier runs this one resumes
+        self.started = time.perf_counter()
+        self.train_seconds, self.train_images = 0.0, 0
+        self.stop = StopSignal()
+        self.log: RunLog | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a checkpoint holds; `load_state_dict` continues from it exactly."""
+        return {
+            "forward": self.network.forward_blocks.state_dict(),
+            "feedback": self.network.feedback_blocks.state_dict(),
+            "forward_optimizer": self.forward_opt.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "feedback_optimizers": [opt.state_dict() for opt in self.feedback_optimizers],
+            "rng": {"torch": torch.get_rng_state()},
+            "step": self.step,
+            "epoch": self.step // self.steps_per_epoch,
+            "wall_time_s": self.wall_before + time.perf_counter() - self.started,
+            "config": self.cfg,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         try:
-            network.forward_blocks.load_state_dict(resume_state["forward"])
-            network.feedback_blocks.load_state_dict(resume_state["feedback"])
-            forward_opt.load_state_dict(resume_state["forward_optimizer"])
-            scheduler.load_state_dict(resume_state["scheduler"])
-            for i, (opt, state) in enumerate(zip(feedback_optimizers, resume_state["feedback_optimizers"])):
-                opt.load_state_dict(state)
+            self.network.forward_blocks.load_state_dict(state["forward"])
+            self.network.feedback_blocks.load_state_dict(state["feedback"])
+            self.forward_opt.load_state_dict(state["forward_optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            for i, (opt, opt_state) in enumerate(zip(self.feedback_optimizers, state["feedback_optimizers"])):
+                opt.load_state_dict(opt_state)
                 # Feedback lrs have no schedule: the resumed config's values apply, e.g. after --set feedback.lr.
-                opt.param_groups[0]["lr"] = cfg["feedback"]["lr"][i]
+                opt.param_groups[0]["lr"] = self.cfg["feedback"]["lr"][i]
         except (RuntimeError, KeyError, ValueError) as exc:
             raise UserError(f"--resume: the checkpoint does not match this model/config ({exc})") from None
-        step, wall_before = resume_state["step"], resume_state.get("wall_time_s", 0.0)
-    steps_per_epoch = len(train_loader)
-    total_steps = cfg["epochs"] * steps_per_epoch
-    if max_steps is not None:
-        total_steps = min(total_steps, max_steps)
+        self.step, self.wall_before = state["step"], state.get("wall_time_s", 0.0)
 
-    stop = StopSignal()
-    stop.install()
-    stopping = False
-    writer = SummaryWriter(log_dir=str(out_dir)) if main else None
-    if main:
-        writer.add_text("config", "```\n" + config_lib.to_yaml(cfg) + "\n```", step)
-    log_every, angles_every = cfg["log"]["every"], cfg["log"]["angles_every"]
-    n_fb = network.n_feedback
+    def fit(self, data: DatasetSplits, out_dir: Path | None, max_steps: int | None = None) -> dict[str, Any]:
+        """Train until cfg['epochs'] (or max_steps steps in total); evaluate and checkpoint after each epoch.
 
-    def checkpoint() -> None:
-        save_checkpoint(out_dir, {
-            "forward": network.forward_blocks.state_dict(),
-            "feedback": network.feedback_blocks.state_dict(),
-            "forward_optimizer": forward_opt.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "feedback_optimizers": [opt.state_dict() for opt in feedback_optimizers],
-            "rng": {"torch": torch.get_rng_state()},
-            "step": step,
-            "epoch": step // steps_per_epoch,
-            "wall_time_s": wall_before + time.perf_counter() - start_wall,
-            "config": cfg,
-        })
+        Every copy stops at the same step: at the end, on a signal, or on a NaN loss (an error).
+        """
+        cfg = self.cfg
+        train_loader = BatchLoader(data.train_x, data.train_y, cfg["batch_size"], data.mean, data.std,
+                                   train=True, seed=cfg["seed"])
+        test_loader = BatchLoader(data.test_x, data.test_y, cfg["eval_batch_size"], data.mean, data.std,
+                                  train=False, seed=cfg["seed"])
+        self.steps_per_epoch = len(train_loader)
+        total_steps = cfg["epochs"] * self.steps_per_epoch
+        if max_steps is not None:
+            total_steps = min(total_steps, max_steps)
+        if self.replica.is_main:
+            assert out_dir is not None
+            self.log = RunLog(out_dir, cfg, self.step)
+        self.stop.install()
+        self.started = time.perf_counter()
+        metrics: dict[str, float] = {}
+        evaluated_at, stopping = -1, False
+        while self.step < total_steps and not stopping:
+            epoch = self.step // self.steps_per_epoch
+            stopping, ce, top1 = self.train_epoch(train_loader, epoch, total_steps)
+            if self.step % self.steps_per_epoch == 0:
+                self.scheduler.step()
+                evaluated_at = self.step
+                if self.log is not None:
+                    metrics = self.evaluate(test_loader, f"epoch {epoch}: train loss {ce:.4f} top1 {top1:.4f} | ")
+                    self.save_checkpoint(out_dir)
+        if stopping:
+            return self.stopped(out_dir, checkpointed=evaluated_at == self.step)
+        if self.log is None:
+            return {"steps": self.step}
+        if evaluated_at != self.step:
+            metrics = self.evaluate(test_loader, f"step {self.step}: ")
+            self.save_checkpoint(out_dir)
+        return self.finish(out_dir, metrics)
 
-    start_wall = time.perf_counter()
-    train_time, train_images = 0.0, 0
-    metrics: dict[str, float] = {}
-    evaluated_at = -1
-    while step < total_steps and not stopping:
-        epoch = step // steps_per_epoch
-        first = step % steps_per_epoch
-        n_batches = min(steps_per_epoch - first, total_steps - step)
+    def train_epoch(self, loader: BatchLoader, epoch: int, total_steps: int) -> tuple[bool, float, float]:
+        """Train the rest of `epoch` (or up to total_steps); return (stop requested, mean loss, mean top-1)."""
+        first = self.step % self.steps_per_epoch
+        n_batches = min(self.steps_per_epoch - first, total_steps - self.step)
         ce_meter, top1_meter = AverageMeter(), AverageMeter()
         bar = tqdm(total=n_batches, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=True,
-                   disable=None if main else True)
-        batches = train_loader.epoch(epoch, start=first)
+                   disable=None if self.log is not None else True)
+        batches = loader.epoch(epoch, start=first)
+        stopping = False
         for _ in range(n_batches):
             t0 = time.perf_counter()
             x, y = next(batches)
-            batch_total, rows = y.numel(), replica.rows(y.numel())
-            x, y = x[rows].to(runtime.device, non_blocking=True), y[rows].to(runtime.device, non_blocking=True)
-            result = train_step(network, forward_opt, feedback, x, y, cfg, step, runtime, batch_total, replica)
-            stopping = _full_batch_figures(result, y, batch_total, stop.received is not None, replica)
-            _check_finite(result, step, cfg)
-            ce, acc = float(result.ce_loss), float(result.top1)
+            result, stopping = self.train_batch(x, y)
             dt = time.perf_counter() - t0
-            train_time += dt
-            train_images += batch_total
-            ce_meter.update(ce, batch_total)
-            top1_meter.update(acc, batch_total)
-            step += 1
+            batch_total = y.numel()
+            self.train_seconds += dt
+            self.train_images += batch_total
+            ce_meter.update(float(result.ce_loss), batch_total)
+            top1_meter.update(float(result.top1), batch_total)
+            self.step += 1
             bar.set_postfix(loss=f"{ce_meter.avg:.3f}", top1=f"{top1_meter.avg:.3f}", img_s=f"{batch_total / dt:.0f}")
             bar.update()
-            if main and (step % log_every == 0 or step == total_steps):
-                writer.add_scalar("train/loss", ce, step)
-                writer.add_scalar("train/top1", acc, step)
-                writer.add_scalar("train/forward_lr", forward_opt.param_groups[0]["lr"], step)
-                writer.add_scalar("train/images_per_s", batch_total / dt, step)
-                for i, l in enumerate(result.forward_losses):
-                    writer.add_scalar(f"forward_loss/block{i}", float(l), step)
-                for i, l in enumerate(result.feedback_losses, start=1):
-                    writer.add_scalar(f"feedback_loss/block{i}", float(l), step)
-                if feedback is not None:
-                    feedback.log(writer, step)
-            if main and cfg["algorithm"] != "bp" and (step % angles_every == 0 or step == total_steps):
-                for i in range(1, n_fb + 1):
-                    angle, dist = weight_alignment(network.forward_blocks[i], network.feedback_blocks[i])
-                    writer.add_scalar(f"alignment/angle_block{i}", angle, step)
-                    writer.add_scalar(f"alignment/distance_block{i}", dist, step)
+            if self.log is not None:
+                self.log.after_step(self.step, self.step == total_steps, result,
+                                    self.forward_opt.param_groups[0]["lr"], batch_total / dt, self.feedback,
+                                    self.network)
             if stopping:
                 break
         bar.close()
-        if step % steps_per_epoch == 0:
-            scheduler.step()
-            evaluated_at = step
-            if not main:
-                continue
-            metrics = evaluate(network, test_loader, runtime)
-            for key, value in metrics.items():
-                writer.add_scalar(f"val/{key}", value, step)
-            tqdm.write(
-                f"epoch {epoch}: train loss {ce_meter.avg:.4f} top1 {top1_meter.avg:.4f} | "
-                f"val loss {metrics['loss']:.4f} top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f}"
-            )
-            checkpoint()
-    if stopping:
-        if main:
-            if evaluated_at != step:
-                checkpoint()
-            writer.close()
-            tqdm.write(f"{stop.received or 'a stop signal'} received: stopped at step {step} with a checkpoint in "
-                       f"{out_dir}; continue with --resume {out_dir}")
-        return {"stopped_by": stop.received or "another copy", "steps": step}
-    if not main:
-        return {"steps": step}
-    if evaluated_at != step:
-        metrics = evaluate(network, test_loader, runtime)
-        for key, value in metrics.items():
-            writer.add_scalar(f"val/{key}", value, step)
-        tqdm.write(f"step {step}: val loss {metrics['loss']:.4f} top1 {metrics['top1']:.4f} top5 {metrics['top5']:.4f}")
-        checkpoint()
-    wall = wall_before + time.perf_counter() - start_wall
-    summary = {
-        "val_top1": metrics["top1"],
-        "val_loss": metrics["loss"],
-        "val_top5": metrics["top5"],
-        "steps": step,
-        "epochs": step / steps_per_epoch,
-        "wall_time_s": wall,
-        "train_images_per_s": train_images / train_time if train_time else 0.0,
-        "algorithm": cfg["algorithm"],
-        "dataset": cfg["dataset"],
-    }
-    if feedback is not None:
-        summary.update(feedback.summary())
-    writer.add_hparams(
-        _flat_hparams(cfg),
-        {"hparam/val_top1": metrics["top1"], "hparam/val_top5": metrics["top5"]},
-        run_name=".",
-    )
-    writer.close()
-    save_summary(out_dir, summary)
-    return summary
+        return stopping, ce_meter.avg, top1_meter.avg
+
+    def train_batch(self, x: Tensor, y: Tensor) -> tuple[StepResult, bool]:
+        """One step on this copy's rows of the batch; the figures come back for the full batch."""
+        batch_total, rows = y.numel(), self.replica.rows(y.numel())
+        x, y = x[rows].to(self.runtime.device, non_blocking=True), y[rows].to(self.runtime.device, non_blocking=True)
+        result = train_step(self.network, self.forward_opt, self.feedback, x, y, self.cfg, self.step, self.runtime,
+                            batch_total, self.replica)
+        stopping = _full_batch_figures(result, y, batch_total, self.stop.received is not None, self.replica)
+        _check_finite(result, self.step, self.cfg)
+        return result, stopping
+
+    def evaluate(self, loader: BatchLoader, prefix: str) -> dict[str, float]:
+        assert self.log is not None
+        metrics = evaluate_network(self.network, loader, self.runtime)
+        self.log.evaluation(self.step, metrics, prefix)
+        return metrics
+
+    def save_checkpoint(self, out_dir: Path) -> None:
+        save_checkpoint(out_dir, self.state_dict())
+
+    def stopped(self, out_dir: Path | None, checkpointed: bool) -> dict[str, Any]:
+        """After a stop request: the main copy checkpoints (unless the epoch end just did) and says how to go on."""
+        if self.log is not None:
+            if not checkpointed:
+                self.save_checkpoint(out_dir)
+            self.log.close()
+            tqdm.write(f"{self.stop.received or 'a stop signal'} received: stopped at step {self.step} with a "
+                       f"checkpoint in {out_dir}; continue with --resume {out_dir}")
+        return {"stopped_by": self.stop.received or "another copy", "steps": self.step}
+
+    def finish(self, out_dir: Path, metrics: dict[str, float]) -> dict[str, Any]:
+        """Write summary.json and the hyperparameters with the final validation figures."""
+        summary = {
+            "val_top1": metrics["top1"],
+            "val_loss": metrics["loss"],
+            "val_top5": metrics["top5"],
+            "steps": self.step,
+            "epochs": self.step / self.steps_per_epoch,
+            "wall_time_s": self.wall_before + time.perf_counter() - self.started,
+            "train_images_per_s": self.train_images / self.train_seconds if self.train_seconds else 0.0,
+            "algorithm": self.cfg["algorithm"],
+            "dataset": self.cfg["dataset"],
+        }
+        if self.feedback is not None:
+            summary.update(self.feedback.summary())
+        assert self.log is not None
+        self.log.close(metrics)
+        save_summary(out_dir, summary)
+        return summary
