@@ -14,16 +14,17 @@ import sys
 import torch.distributed as dist
 from accelerate.utils import set_seed
 
-from dtp.algorithm import NOISE_CHUNK_ROWS
 from dtp.cli import build_network, build_parser, exit_on_user_error, load_data, resolve_run
 from dtp.config import to_yaml
 from dtp.errors import UserError
+from dtp.feedback import make_feedback_optimizers
 from dtp.models import DTPNetwork
-from dtp.parallel import (
-    DistributedFeedback, Layout, check_split, format_plan, init_distributed, max_pieces, measure_feedback_costs,
-    plan_feedback, run_worker,
-)
-from dtp.trainer import Runtime, autocast_for, make_feedback_optimizers, run_training
+from dtp.parallel.costs import measure_feedback_costs
+from dtp.parallel.feedback import DistributedFeedback, run_worker
+from dtp.parallel.layout import Layout, ProcessGroups, ReplicaGroup, decided_by_leader, init_distributed
+from dtp.parallel.planning import check_layout, format_plan, plan_feedback
+from dtp.runtime import Runtime, autocast_for
+from dtp.trainer import Trainer
 
 
 def parse_split(value: str) -> str | list[int]:
@@ -35,22 +36,7 @@ def parse_split(value: str) -> str | list[int]:
         raise argparse.ArgumentTypeError(f"expected auto, none or part counts like 2,1,1,1,1, got {value!r}") from None
 
 
-def check_layout(cfg: dict, n_feedback: int, world_size: int, replicas: int, split: str | list[int]) -> int:
-    """Reject a run this trainer or this world size cannot serve; return the most parts a block can have."""
-    if cfg["algorithm"] == "bp":
-        raise UserError("--algorithm bp has no feedback phase to parallelise; use train_sequential.py")
-    if replicas < 1 or world_size % replicas:
-        raise UserError(f"--replicas {replicas} does not divide the {world_size} ranks started; "
-                        f"start a multiple of {replicas} ranks (--nnodes × --nproc_per_node)")
-    if replicas > -(-cfg["batch_size"] // NOISE_CHUNK_ROWS):
-        raise UserError(f"--replicas {replicas} is more than a batch of {cfg['batch_size']} has "
-                        f"{NOISE_CHUNK_ROWS}-row chunks to share; use fewer replicas or a larger batch")
-    most = max_pieces(cfg["batch_size"], replicas, world_size // replicas)
-    check_split(n_feedback, most, world_size // replicas, split)
-    return most
-
-
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = build_parser(__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, default=1,
                         help="data-parallel copies of the layer-parallel group; WORLD_SIZE must be a multiple")
@@ -59,67 +45,64 @@ def main() -> None:
                              "or parts per block within a group, e.g. 2,1,1,1,1")
     parser.add_argument("--timeout-s", type=float, default=1800.0,
                         help="seconds a rank waits on a peer before the job fails (collective timeout)")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     ctx = init_distributed(args.timeout_s)
-    # Rank 0 resolves everything (it alone reads checkpoints) and tells the other ranks; a setup error
-    # is broadcast too, so they exit quietly instead of failing on a closed connection.
-    setup: list = [None]
-    if ctx.is_leader:
-        try:
-            run = resolve_run(args)
-            data = load_data(run.cfg)
-            network = build_network(run.cfg, data)
-            most = check_layout(run.cfg, network.n_feedback, ctx.world_size, args.replicas, args.split)
-        except UserError as exc:
-            dist.broadcast_object_list([exc], src=0)
-            raise
-        setup = [(run.cfg, data.input_shape, data.num_classes, most)]
-    dist.broadcast_object_list(setup, src=0)
-    if isinstance(setup[0], UserError):
-        raise setup[0]
-    cfg, input_shape, num_classes, most = setup[0]
+    run = data = network = None
+
+    def resolve() -> tuple:
+        """Rank 0 alone reads the config, the data and the checkpoint, and checks the layout."""
+        nonlocal run, data, network
+        run = resolve_run(args)
+        data = load_data(run.cfg)
+        network = build_network(run.cfg, data)
+        if run.cfg["algorithm"] == "bp":
+            raise UserError("--algorithm bp has no feedback phase to parallelise; use train_sequential.py")
+        most = check_layout(run.cfg["batch_size"], network.n_feedback, ctx.world_size, args.replicas, args.split)
+        return run.cfg, data.input_shape, data.num_classes, most
+
+    cfg, input_shape, num_classes, most = decided_by_leader(ctx, resolve)
     if not ctx.is_leader:
         network = DTPNetwork(cfg["model"], input_shape, num_classes, cfg["seed"])
     network.to(ctx.device)
     runtime = Runtime(device=ctx.device, autocast=autocast_for(ctx.device, cfg["mixed_precision"]))
     group_size = ctx.world_size // args.replicas
     costs = measure_feedback_costs(network, cfg, runtime, ctx, args.replicas, most)
-    plan_setup: list = [None]
-    if ctx.is_leader:
-        try:
-            plan = plan_feedback(costs, group_size, args.split)
-        except UserError as exc:
-            dist.broadcast_object_list([exc], src=0)
-            raise
-        # Other replica leaders start from the same state: they get the checkpoint, not the file.
-        plan_setup = [(plan, run.resume_state if args.replicas > 1 else None)]
+
+    def choose_plan() -> tuple:
+        plan = plan_feedback(costs, group_size, args.split)
         print(to_yaml(cfg), end="")
         print(f"{args.replicas} replica(s) of {group_size} rank(s)\n{format_plan(plan, costs, group_size)}", flush=True)
-    dist.broadcast_object_list(plan_setup, src=0)
-    if isinstance(plan_setup[0], UserError):
-        raise plan_setup[0]
-    plan, resume_state = plan_setup[0]
+        # Other replica leaders start from the same state: they get the checkpoint, not the file.
+        return plan, run.resume_state if args.replicas > 1 else None
+
+    plan, resume_state = decided_by_leader(ctx, choose_plan)
     set_seed(cfg["seed"])
-    layout = Layout(ctx, args.replicas, plan)
-    if layout.is_replica_leader and not ctx.is_leader:
-        data = load_data(cfg)
+    layout = Layout(ctx.world_size, args.replicas, ctx.rank, plan)
+    groups = ProcessGroups(layout)
     optimizers = make_feedback_optimizers(network, cfg)
-    if not layout.is_replica_leader:
-        # Only leaders act on SIGUSR1 (they checkpoint and then release the workers).
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        run_worker(network, optimizers, cfg, runtime, layout)
-    else:
-        feedback = DistributedFeedback(network, optimizers, cfg, runtime, layout, costs)
-        out_dir = None
-        if ctx.is_leader:
-            out_dir, resume_state = run.out_dir, run.resume_state
+    if layout.is_replica_leader:
+        if not ctx.is_leader:
+            data = load_data(cfg)
+        else:
+            resume_state = run.resume_state
+        feedback = DistributedFeedback(network, optimizers, cfg, runtime, groups, costs)
+        trainer = Trainer(cfg, network, optimizers, feedback, runtime, ReplicaGroup(groups))
         try:
-            summary = run_training(cfg, data, network, optimizers, feedback, runtime, out_dir, args.max_steps,
-                                   resume_state, layout.data_replica())
+            if resume_state is not None:
+                trainer.load_state_dict(resume_state)
+            summary = trainer.fit(data, run.out_dir if ctx.is_leader else None, args.max_steps)
         finally:
             feedback.close()
         if ctx.is_leader:
             report(summary, run.out_dir)
+    else:
+        # Only leaders act on SIGUSR1 (they checkpoint and then release the workers).
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        run_worker(network, optimizers, cfg, runtime, groups)
     # On an error no teardown is attempted: torchrun ends the other ranks when this one exits non-zero.
     # Every rank is done communicating before any tears the group down, so no rank's gloo
     # connections close under a peer still using them.

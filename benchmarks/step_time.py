@@ -26,13 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dtp.algorithm import noise_generator, weight_alignment  # noqa: E402
 from dtp.config import DEFAULTS, merge  # noqa: E402
 from dtp.models import DTPNetwork  # noqa: E402
-from dtp.parallel import (  # noqa: E402
-    DistributedFeedback, Layout, format_plan, init_distributed, max_pieces, measure_feedback_costs, peak_rss_mib,
-    plan_feedback, run_worker, split_rows, time_feedback_iteration,
-)
-from dtp.trainer import (  # noqa: E402
-    Runtime, autocast_for, build_forward_optimizer, make_feedback_optimizers, train_blocks, train_step,
-)
+from dtp.feedback import make_feedback_optimizers, train_blocks  # noqa: E402
+from dtp.metrics import peak_rss_mib  # noqa: E402
+from dtp.parallel.costs import measure_feedback_costs, time_feedback_iteration  # noqa: E402
+from dtp.parallel.feedback import DistributedFeedback, run_worker  # noqa: E402
+from dtp.parallel.layout import Layout, ProcessGroups, decided_by_leader, init_distributed  # noqa: E402
+from dtp.parallel.planning import FeedbackPlan, format_plan, max_pieces, plan_feedback, split_rows  # noqa: E402
+from dtp.runtime import Runtime, autocast_for  # noqa: E402
+from dtp.trainer import build_forward_optimizer, train_step  # noqa: E402
 
 
 def part_costs(cfg, pieces: int, runtime: Runtime) -> dict[int, list[float]]:
@@ -63,11 +64,11 @@ def naive_train_block(network, optimizer, i, x, iterations, sigma, generator):
     """The published structure: recompute F_i(x) every iteration, three separate G_i calls, angle each time."""
     f, g = network.forward_blocks[i], network.feedback_blocks[i]
     for _ in range(iterations):
-        dx = sigma * torch.randn(x.shape, generator=generator)
+        dx = sigma * torch.randn(x.shape, generator=generator, device=x.device)
         with torch.no_grad():
             y, idx = f(x)
             y_noisy, idx_noisy = f(x + dx)
-        dy = sigma * torch.randn(y.shape, generator=generator)
+        dy = sigma * torch.randn(y.shape, generator=generator, device=y.device)
         r = g(y, idx)
         dr = g(y_noisy, idx_noisy) - r
         dr_y = g(y + dy, idx) - r
@@ -142,18 +143,18 @@ def parallel_worker(args, cfg) -> None:
     network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"]).to(ctx.device)
     optimizers = make_feedback_optimizers(network, cfg)
     costs = measure_feedback_costs(network, cfg, runtime, ctx, 1, max_pieces(cfg["batch_size"], 1, ctx.world_size))
-    # Plans are computed from rank 0's measurements; the leader decides and tells the others.
-    setup: list = [None]
-    if ctx.is_leader:
-        setup = [plan_feedback(costs, ctx.world_size, args.split)]
-        print(format_plan(setup[0], costs, ctx.world_size), file=sys.stderr)
-    torch.distributed.broadcast_object_list(setup, src=0)
-    layout = Layout(ctx, 1, setup[0])
+
+    def choose_plan() -> FeedbackPlan:  # from rank 0's measurements; every rank gets the leader's plan
+        plan = plan_feedback(costs, ctx.world_size, args.split)
+        print(format_plan(plan, costs, ctx.world_size), file=sys.stderr)
+        return plan
+
+    groups = ProcessGroups(Layout(ctx.world_size, 1, ctx.rank, decided_by_leader(ctx, choose_plan)))
     if not ctx.is_leader:
-        run_worker(network, optimizers, cfg, runtime, layout)
+        run_worker(network, optimizers, cfg, runtime, groups)
         return
     forward_opt, _ = build_forward_optimizer(network, cfg)
-    phase = DistributedFeedback(network, optimizers, cfg, runtime, layout, costs)
+    phase = DistributedFeedback(network, optimizers, cfg, runtime, groups, costs)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(cfg["batch_size"], 3, 32, 32, generator=gen).to(ctx.device)
     y = torch.randint(0, 10, (cfg["batch_size"],), generator=gen).to(ctx.device)

@@ -1,0 +1,79 @@
+"""Start-up measurement of what each feedback block costs, whole and split, as the planner's input."""
+from __future__ import annotations
+
+import copy
+import time
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dtp.algorithm import AllReduce, BlockNoise, train_feedback_block
+from dtp.models import DTPNetwork
+from dtp.parallel.layout import DistContext, all_reduce_flat
+from dtp.parallel.planning import LEADER, Costs, split_rows
+from dtp.runtime import Runtime, synchronize
+
+
+def time_feedback_iteration(network: DTPNetwork, cfg: dict[str, Any], i: int, rows: slice, runtime: Runtime,
+                            reduce: AllReduce | None = None, warmup: int = 2, repeats: int = 3) -> float:
+    """Seconds one feedback iteration of block i takes on `rows` of a batch (summing gradients with `reduce`).
+
+    Timed on copies of the blocks with random input and lr 0: the run's weights and noise streams are
+    untouched.
+    """
+    forward_block = copy.deepcopy(network.forward_blocks[i]).to(runtime.device)
+    feedback_block = copy.deepcopy(network.feedback_blocks[i]).to(runtime.device)
+    optimizer = torch.optim.SGD(feedback_block.parameters(), lr=0.0)
+    x = torch.randn((rows.stop - rows.start, *network.block_input_shapes[i]), device=runtime.device)
+    noise = BlockNoise(0, i, 0, rows, runtime.device)
+    fb = cfg["feedback"]
+
+    def run(iterations: int) -> None:
+        train_feedback_block(forward_block, feedback_block, optimizer, x, iterations, fb["noise"][i - 1],
+                             fb["samples"], noise, runtime.autocast, cfg["batch_size"], reduce)
+        synchronize(runtime.device)
+
+    run(warmup)  # allocator and kernel selection
+    t0 = time.perf_counter()
+    run(repeats)
+    return (time.perf_counter() - t0) / repeats
+
+
+def measure_feedback_costs(network: DTPNetwork, cfg: dict[str, Any], runtime: Runtime, ctx: DistContext,
+                           replicas: int, pieces: int) -> Costs:
+    """Seconds one batch of feedback training takes per block when its rows are split m ways, m = 1..pieces.
+
+    Collective: every rank calls it. For each block and m, the ranks of every replica form teams of m
+    that each train a part of the replica's rows at once, summing gradients as in a run, so a cost
+    includes the gradient sums, the wait for the slowest part and the contention of busy neighbours.
+    costs[m][i−1] is k_i × rank 0's time per iteration, the same on every rank.
+    """
+    group_size = ctx.world_size // replicas
+    replica, local = divmod(ctx.rank, group_size)
+    replica_rows = split_rows(slice(0, cfg["batch_size"]), replicas, replica)
+    teams: dict[int, tuple[int, dist.ProcessGroup | None] | None] = {}
+    for m in range(1, pieces + 1):
+        teams[m] = None
+        for t in range(group_size // m):
+            ranks = [r * group_size + t * m + j for r in range(replicas) for j in range(m)]
+            group = dist.new_group(ranks) if len(ranks) > 1 else None
+            if ctx.rank in ranks:
+                teams[m] = (t, group)
+    costs: Costs = {m: [] for m in teams}
+    for i in range(1, network.n_feedback + 1):
+        for m, team in teams.items():
+            seconds = torch.zeros(1, dtype=torch.float64, device=runtime.device)
+            dist.barrier()
+            if team is not None:
+                t, group = team
+                reduce = None if group is None else partial(all_reduce_flat, group=group)
+                rows = split_rows(replica_rows, m, local - t * m)
+                seconds[0] = time_feedback_iteration(network, cfg, i, rows, runtime, reduce)
+            dist.broadcast(seconds, LEADER)
+            costs[m].append(cfg["feedback"]["iterations"][i - 1] * float(seconds))
+    for team in teams.values():
+        if team is not None and team[1] is not None:
+            dist.destroy_process_group(team[1])
+    return costs

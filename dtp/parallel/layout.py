@@ -1,0 +1,190 @@
+"""Where each rank sits: joining the torchrun group, the Layout value, and the process groups it needs.
+
+The world is R data-parallel replicas of a G-rank layer-parallel group, rank = replica · G + local
+rank. Replica r trains rows split_rows(batch, R, r) of every batch; inside it, block i is trained by
+the group-local ranks plan.owners[i−1], each on an equal part of the replica's rows. The ranks
+training block i in all replicas sum its gradients every iteration; the replica leaders sum forward
+gradients.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from typing import Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from dtp.errors import UserError
+from dtp.feedback import BlockShard
+from dtp.parallel.planning import LEADER, FeedbackPlan, split_rows
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == LEADER
+
+
+def init_distributed(timeout_s: float) -> DistContext:
+    """Join the torchrun group: NCCL and GPU LOCAL_RANK % device_count on CUDA, gloo on CPU."""
+    if "RANK" not in os.environ:
+        raise UserError("train_parallel.py must be started by torchrun, e.g. "
+                        "torchrun --standalone --nproc_per_node=3 train_parallel.py --config configs/smoke.yaml")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    # Keys are namespaced per torchrun restart: after an elastic restart the agent's store still holds
+    # the previous attempt's gloo addresses, and reading those makes the new group fail to connect.
+    timeout = timedelta(seconds=timeout_s)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == LEADER and not agent_store, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"dtp/attempt_{attempt}", store), rank=rank,
+                            world_size=world, timeout=timeout, device_id=device if backend == "nccl" else None)
+    return DistContext(rank, world, local_rank, device, backend)
+
+
+T = TypeVar("T")
+
+
+def decided_by_leader(ctx: DistContext, decide: Callable[[], T]) -> T:
+    """Run `decide` on rank 0 alone and give every rank its result.
+
+    A UserError there reaches every rank too, so the others exit quietly with it instead of failing on
+    a closed connection.
+    """
+    box: list = [None]
+    if ctx.is_leader:
+        try:
+            box = [decide()]
+        except UserError as exc:
+            box = [exc]
+    dist.broadcast_object_list(box, src=LEADER)
+    if isinstance(box[0], UserError):
+        raise box[0]
+    return box[0]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One rank's place in R replicas of a layer-parallel group running `plan`: plain values, no processes."""
+
+    world_size: int
+    replicas: int
+    rank: int
+    plan: FeedbackPlan
+
+    @property
+    def group_size(self) -> int:
+        return self.world_size // self.replicas
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.group_size
+
+    @property
+    def local_rank(self) -> int:
+        return self.rank % self.group_size
+
+    @property
+    def leader(self) -> int:
+        """The global rank of this replica's leader."""
+        return self.replica * self.group_size
+
+    @property
+    def is_replica_leader(self) -> bool:
+        return self.local_rank == LEADER
+
+    def workers(self) -> list[int]:
+        return list(range(1, self.group_size))
+
+    def replica_rows(self, batch: int) -> slice:
+        return split_rows(slice(0, batch), self.replicas, self.replica)
+
+    def rows(self, i: int, local_rank: int, batch: int) -> slice:
+        """The rows of the full batch that `local_rank` of this replica trains block i on."""
+        owners = self.plan.owners[i - 1]
+        return split_rows(self.replica_rows(batch), len(owners), owners.index(local_rank))
+
+    def local_rows(self, i: int, local_rank: int, batch: int) -> slice:
+        """The same rows, indexed within this replica's share of the batch."""
+        rows, start = self.rows(i, local_rank, batch), self.replica_rows(batch).start
+        return slice(rows.start - start, rows.stop - start)
+
+    def block_ranks(self, i: int) -> list[int]:
+        """The global ranks, in every replica, that train a part of block i and sum its gradients."""
+        return [r * self.group_size + o for r in range(self.replicas) for o in self.plan.owners[i - 1]]
+
+
+def all_reduce_flat(tensors: list[Tensor], group: dist.ProcessGroup | None) -> None:
+    """Sum tensors in place over `group` with one collective."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+class ProcessGroups:
+    """The process groups a Layout needs. Collective: every rank creates them, in the same order."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        g = layout.group_size
+        self.replica: dist.ProcessGroup | None = None  # None: the default group, i.e. everyone
+        self.leaders: dist.ProcessGroup | None = None
+        if layout.replicas > 1:
+            for r in range(layout.replicas):
+                group = dist.new_group(list(range(r * g, (r + 1) * g)))
+                if r == layout.replica:
+                    self.replica = group
+            self.leaders = dist.new_group([r * g for r in range(layout.replicas)])
+        self.blocks: dict[int, dist.ProcessGroup] = {}
+        for i in range(1, len(layout.plan.owners) + 1):
+            ranks = layout.block_ranks(i)
+            if len(ranks) > 1:
+                group = dist.new_group(ranks)
+                if layout.rank in ranks:
+                    self.blocks[i] = group
+
+    def shard(self, i: int, local_rank: int, batch: int) -> BlockShard:
+        """The rows `local_rank` of this replica trains block i on, and the gradient sum over its parts."""
+        group = self.blocks.get(i)
+        reduce = None if group is None else partial(all_reduce_flat, group=group)
+        return BlockShard(self.layout.rows(i, local_rank, batch), reduce)
+
+
+@dataclass
+class ReplicaGroup:
+    """The training loop's view of the replicas (trainer.DataReplica): its rows, and sums over leaders."""
+
+    groups: ProcessGroups
+
+    @property
+    def is_main(self) -> bool:
+        return self.groups.layout.rank == LEADER
+
+    def rows(self, batch: int) -> slice:
+        return self.groups.layout.replica_rows(batch)
+
+    def all_reduce(self, tensors: list[Tensor]) -> None:
+        if self.groups.layout.replicas > 1 and tensors:
+            all_reduce_flat(tensors, self.groups.leaders)

@@ -1,0 +1,141 @@
+"""The per-step exchange between a replica leader and one of its workers, defined once.
+
+`step_exchange` lists, in order, every tensor the two sides exchange in one step: what the leader
+sends the worker and what the worker sends back. Both sides build the list from the same values
+(the layout, the network's shapes and the step's header) and `send` and `receive` walk it, so the
+two sides cannot disagree on the order, shape or type of a message; a tensor that does not match its
+description is an error on the sending side, before anything is sent.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from dtp.models import DTPNetwork
+from dtp.parallel.layout import Layout, ProcessGroups
+
+CMD_STEP, CMD_STOP = 0, 1
+# A worker's per-step timing message: compute, communication and waiting seconds, and its peak memory.
+TIMING_FIELDS = ("compute_s", "comm_s", "wait_s", "peak_rss_mib")
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a replica leader broadcasts to its workers at the start of every step (and to stop them)."""
+
+    command: int
+    step: int = 0
+    batch: int = 0
+    with_state: bool = False  # the first step also ships the feedback weights and momentum to their owners
+
+    def to_tensor(self, device: torch.device) -> Tensor:
+        return torch.tensor([self.command, self.step, self.batch, int(self.with_state)], device=device)
+
+    @classmethod
+    def from_tensor(cls, tensor: Tensor) -> Header:
+        command, step, batch, with_state = tensor.tolist()
+        return cls(command, step, batch, bool(with_state))
+
+
+def broadcast_header(header: Header | None, groups: ProcessGroups, device: torch.device) -> Header:
+    """The leader passes its header, a worker None; both get the leader's header back."""
+    tensor = header.to_tensor(device) if header else torch.zeros(4, dtype=torch.int64, device=device)
+    dist.broadcast(tensor, groups.layout.leader, group=groups.replica)
+    return Header.from_tensor(tensor)
+
+
+@dataclass(frozen=True)
+class Message:
+    """One tensor of the exchange: what it carries, for which feedback block, and its shape and type."""
+
+    kind: str  # "state", "forward", "inputs", "result" (a block's mean loss and seconds) or "timing"
+    block: int  # the feedback block; 0 for the worker's timing
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.kind, self.block
+
+
+@dataclass(frozen=True)
+class StepExchange:
+    """Everything a replica leader and one worker exchange in one step, in the order it travels."""
+
+    to_worker: tuple[Message, ...]
+    to_leader: tuple[Message, ...]
+
+
+def state_size(network: DTPNetwork, i: int) -> int:
+    """Feedback weights and their momentum buffers of block i, flat."""
+    return 2 * sum(p.numel() for p in network.feedback_blocks[i].parameters())
+
+
+def step_exchange(network: DTPNetwork, layout: Layout, worker: int, header: Header) -> StepExchange:
+    """The messages between this replica's leader and group-local rank `worker` in the step `header` starts.
+
+    To the worker: on the first step the state of each block it trains, then for each block the
+    forward weights and the worker's rows of the block's input. Back: the state of each block it is
+    the primary owner of (its parts' states are identical) with that block's loss and seconds, then
+    its timing.
+    """
+    blocks = layout.plan.blocks_of(worker)
+    to_worker = [Message("state", i, (state_size(network, i),)) for i in blocks] if header.with_state else []
+    for i in blocks:
+        rows = layout.local_rows(i, worker, header.batch)
+        to_worker.append(Message("forward", i, (sum(p.numel() for p in network.forward_blocks[i].parameters()),)))
+        to_worker.append(Message("inputs", i, (rows.stop - rows.start, *network.block_input_shapes[i])))
+    to_leader = []
+    for i in blocks:
+        if layout.plan.primary(i) == worker:
+            to_leader.append(Message("state", i, (state_size(network, i),)))
+            to_leader.append(Message("result", i, (2,), torch.float64))
+    to_leader.append(Message("timing", 0, (len(TIMING_FIELDS),), torch.float64))
+    return StepExchange(tuple(to_worker), tuple(to_leader))
+
+
+def send(messages: tuple[Message, ...], tensor_for: Callable[[Message], Tensor], peer: int) -> list[dist.Work]:
+    """Post the messages to `peer` in order; tensor_for gives each one's tensor, checked against it."""
+    works = []
+    for message in messages:
+        tensor = tensor_for(message)
+        if tuple(tensor.shape) != message.shape or tensor.dtype != message.dtype:
+            raise RuntimeError(f"the '{message.kind}' message of block {message.block} is {tuple(tensor.shape)} "
+                               f"{tensor.dtype}, but the exchange describes {message.shape} {message.dtype}")
+        works.append(dist.isend(tensor.contiguous(), peer))
+    return works
+
+
+def receive(messages: tuple[Message, ...], peer: int,
+            device: torch.device) -> tuple[dict[tuple[str, int], Tensor], list[dist.Work]]:
+    """Post receives for the messages from `peer` in order; the buffers fill once the works complete."""
+    buffers = {m.key: torch.empty(m.shape, dtype=m.dtype, device=device) for m in messages}
+    return buffers, [dist.irecv(buffers[m.key], peer) for m in messages]
+
+
+def state_vector(network: DTPNetwork, optimizer: torch.optim.SGD, i: int) -> Tensor:
+    params = list(network.feedback_blocks[i].parameters())
+    momentum = [optimizer.state[p]["momentum_buffer"] for p in params]
+    return torch.cat([parameters_to_vector(params), parameters_to_vector(momentum)])
+
+
+def load_state_vector(network: DTPNetwork, optimizer: torch.optim.SGD, i: int, vec: Tensor) -> None:
+    params = list(network.feedback_blocks[i].parameters())
+    n = sum(p.numel() for p in params)
+    with torch.no_grad():
+        vector_to_parameters(vec[:n], params)
+        vector_to_parameters(vec[n : 2 * n], [optimizer.state[p]["momentum_buffer"] for p in params])
+
+
+def forward_vector(network: DTPNetwork, i: int) -> Tensor:
+    return parameters_to_vector(network.forward_blocks[i].parameters()).detach()
+
+
+def load_forward_vector(network: DTPNetwork, i: int, vec: Tensor) -> None:
+    with torch.no_grad():
+        vector_to_parameters(vec, list(network.forward_blocks[i].parameters()))
