@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,16 +45,26 @@ def save_summary(out_dir: str | Path, summary: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
-    """Load DIR/checkpoint.pt (or a checkpoint file given directly) onto the CPU."""
+    """Load DIR/checkpoint.pt (or a checkpoint file given directly) onto the CPU.
+
+    Only tensors and plain data are unpickled (weights_only=True), so a checkpoint handed over from a
+    shared directory cannot run code on --resume; this project's checkpoints hold nothing else.
+    """
     path = Path(run_dir)
     if path.is_dir():
         path = path / CHECKPOINT
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at '{path}'; pass the --out directory of an earlier run")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"--resume: '{path}' holds Python objects besides tensors and plain data; it was refused "
+                        f"because loading it could run code. Resume only from checkpoints this project wrote") from None
     except Exception as exc:  # a truncated or foreign file: say which, not a pickle traceback
-        raise UserError(f"--resume: '{path}' is not a readable checkpoint ({exc})") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--resume: '{path}' is not a readable checkpoint ({reason})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"--resume: '{path}' holds a {type(state).__name__}, not a checkpoint of this project")
     missing = {"forward", "feedback", "step", "epoch", "config"} - set(state)
     if missing:
         raise UserError(f"--resume: '{path}' lacks {sorted(missing)}; it was not written by this project")
