@@ -38,7 +38,19 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
 
 
 def load(run_dir: Path) -> dict:
-    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
+
+
+def event_tags(run_dir: Path) -> set[str]:
+    """Every scalar and text tag in the TensorBoard event files of a run (text tags end in /text_summary)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for event_file in Path(run_dir).glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(event_file))
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"]) | set(acc.Tags()["tensors"])
+    return tags
 
 
 def max_relative_difference(a: dict, b: dict, key: str) -> float:

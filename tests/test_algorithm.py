@@ -18,7 +18,8 @@ from dtp.algorithm import (
 )
 from dtp.config import DEFAULTS, merge
 from dtp.models import DTPNetwork, ForwardBlock, invert_block
-from dtp.trainer import LocalFeedback, Runtime, make_feedback_optimizers
+from dtp.feedback import LocalFeedback, make_feedback_optimizers
+from dtp.runtime import Runtime
 
 
 def tiny_conv_block(seed=0):
@@ -237,3 +238,28 @@ def test_weight_alignment_of_transposed_weights_is_zero():
         last_g.layers[0].weight.copy_(-last_f.layers[1].weight.t())
     angle, dist = weight_alignment(last_f, last_g)
     assert angle == pytest.approx(180.0, abs=1e-2) and dist == pytest.approx(2.0, abs=1e-5)
+
+
+def test_ldrl_aligns_a_linear_blocks_feedback_weights_with_the_transposed_forward_weights():
+    """The property L-DRL exists for. For F(x) = Wx + b and G(y) = Vy + c the expected loss is
+    σ²(−2 tr(VW) + ||V||²), minimised at V = Wᵀ, so training turns G towards the transpose of F.
+
+    The block is CIFAR-10's last one (flatten, Linear(512, 10)) with its reference noise 0.08, feedback
+    lr 0.18, momentum 0.9 and 20 iterations per batch of 128 (DESIGN.md §5), for 10 steps. The angle
+    starts near 90° (independent initialisations). It then settles where the SGD noise of lr 0.18 on
+    batch 128 holds it: 12.2–12.5° after these 200 iterations for seeds 0–5, and 11.9–12.6° over
+    steps 10–30. The bound of 15° sits above that floor, far below the start.
+    """
+    torch.manual_seed(0)
+    forward = ForwardBlock([nn.Flatten(), nn.Linear(512, 10)])
+    feedback = invert_block(forward, torch.Size((512, 1, 1)))
+    optimizer = torch.optim.SGD(feedback.parameters(), lr=0.18, momentum=0.9)
+    x = torch.randn(128, 512, 1, 1)
+    start, _ = weight_alignment(forward, feedback)
+    for step in range(10):
+        noise = BlockNoise(0, 5, step, slice(0, 128), CPU)
+        train_feedback_block(forward, feedback, optimizer, x, 20, 0.08, 1, noise)
+    angle, distance = weight_alignment(forward, feedback)
+    assert start > 80.0
+    assert angle < 15.0
+    assert distance < 0.25  # ||W − Vᵀ|| / ||W||: 0.22 measured, against 7.3 at the start

@@ -7,6 +7,13 @@ from conftest import ROOT, assert_ok, run_script
 
 SHAPES = str(ROOT / "configs" / "shapes.yaml")
 
+# Validation top-1 after 200 steps of configs/shapes.yaml, 2 threads, measured on this project's
+# 2-core CPU for seeds 0, 1, 2 (the seed also draws the data): DTP 0.442, 0.309, 0.437; BP 0.636,
+# 0.571, 0.604. The test runs seed 0. Rounding differences between machines perturb a run the way a
+# seed change does, so each threshold sits at the lowest seed's result rounded down, not at seed 0's.
+# Chance is 0.10, with a standard deviation of 0.007 on the 2,000 test images.
+MIN_TOP1 = {"dtp": 0.30, "bp": 0.55}
+
 
 @pytest.mark.parametrize("algorithm", ["dtp", "bp"])
 def test_short_shapes_run_learns_well_above_chance(tmp_path, algorithm):
@@ -16,4 +23,4 @@ def test_short_shapes_run_learns_well_above_chance(tmp_path, algorithm):
     assert_ok(proc)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 200
-    assert summary["val_top1"] > 0.3, summary  # chance is 0.1
+    assert summary["val_top1"] > MIN_TOP1[algorithm], summary

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, SMOKE, script_env, assert_ok, load, momentum_buffers, run_script
+from conftest import ROOT, SMOKE, assert_ok, event_tags, load, momentum_buffers, run_script, script_env
 
 
 def test_smoke_run_writes_checkpoint_summary_and_tensorboard(tmp_path):
@@ -24,17 +24,10 @@ def test_smoke_run_writes_checkpoint_summary_and_tensorboard(tmp_path):
                 "rng", "config"):
         assert key in ckpt
     assert ckpt["step"] == 3 and ckpt["config"]["dataset"] == "shapes"
-    assert list(out.glob("events.out.tfevents.*"))
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    tags = set()
-    for event_file in out.glob("events.out.tfevents.*"):
-        acc = EventAccumulator(str(event_file))
-        acc.Reload()
-        tags |= set(acc.Tags()["scalars"])
+    tags = event_tags(out)
     for tag in ("train/loss", "train/top1", "train/forward_lr", "train/images_per_s", "val/top1", "val/top5",
                 "val/loss", "feedback_loss/block1", "forward_loss/block0", "alignment/angle_block1",
-                "alignment/distance_block5"):
+                "alignment/distance_block5", "config/text_summary", "hparam/val_top1"):
         assert tag in tags, tag
 
 
@@ -135,3 +128,28 @@ def test_sigusr1_checkpoints_and_resume_continues_exactly(tmp_path, tiny_npz):
     assert_ok(run_script("train_sequential.py", "--resume", str(out), "--max-steps", target))
     assert_ok(run_script("train_sequential.py", *common, "--max-steps", target, "--out", str(straight)))
     assert_same_run(load(straight), load(out))
+
+
+class OpensAFile:
+    """Unpickling this calls open(path, 'w'): the kind of code a foreign checkpoint could run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_a_checkpoint_carrying_a_pickled_object_is_refused_without_running_it(tmp_path, tiny_npz):
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    assert_ok(run_script("train_sequential.py", "--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz),
+                         "--max-steps", "1", "--out", str(out)))
+    state = load(out)
+    state["config"]["note"] = OpensAFile(marker)
+    torch.save(state, out / "checkpoint.pt")
+    proc = run_script("train_sequential.py", "--resume", str(out))
+    expect_error(proc, "refused", "checkpoint.pt")
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [proc.stderr.strip()]  # one line
+    assert proc.stderr.startswith("error: ")
+    assert not marker.exists()
