@@ -91,12 +91,14 @@ def main() -> None:
             resume_state = run.resume_state
         feedback = DistributedFeedback(network, optimizers, cfg, runtime, groups, costs)
         trainer = Trainer(cfg, network, optimizers, feedback, runtime, ReplicaGroup(groups))
+        failed = True
         try:
             if resume_state is not None:
                 trainer.load_state_dict(resume_state)
             summary = trainer.fit(data, run.out_dir if ctx.is_leader else None, args.max_steps)
+            failed = False
         finally:
-            feedback.close()
+            feedback.close(failed)
         if ctx.is_leader:
             report(summary, run.out_dir)
     else:
@@ -121,9 +123,13 @@ def report(summary: dict, out_dir) -> None:
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main, show=os.environ.get("RANK", "0") == "0")
-    # Skip interpreter finalisation after a clean teardown: gloo's worker threads can still hold
-    # AsyncWork objects whose tensors, freed during finalisation, abort the process (SIGABRT).
+    try:
+        exit_on_user_error(main, show=os.environ.get("RANK", "0") == "0")
+        code = 0
+    except SystemExit as exc:  # a reported UserError
+        code = exc.code
+    # Skip interpreter finalisation after a clean teardown or a reported error: gloo's worker threads
+    # can still hold AsyncWork objects whose tensors, freed during finalisation, abort the process.
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)

@@ -1,11 +1,13 @@
-"""The DTP algorithm (DESIGN.md §3–4): L-DRL feedback loss, target propagation and the forward loss.
+"""The DTP algorithm (DESIGN.md §3–4): feedback losses, target propagation and the forward loss.
 
 This is the only place the math lives; the sequential and the parallel trainers both call it.
+Each target-propagation algorithm is a feedback loss and a target rule (VARIANTS).
 """
 from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -98,6 +100,47 @@ def feedback_loss(
     return loss.sum() / (k * (batch_total or b))
 
 
+def reconstruction_loss(
+    forward_block: ForwardBlock,
+    feedback_block: FeedbackBlock,
+    x: Tensor,
+    y: Tensor,
+    indices: Indices,
+    dx: Tensor,
+    dy: Tensor,
+    batch_total: int | None = None,
+) -> Tensor:
+    """The noisy reconstruction loss of vanilla DTP and TP (Lee et al. 2015, as in the published code):
+    mean over K and batch of Σ ((x + dx) − G(F(x + dx)))², G unpooling with the indices of F(x + dx).
+
+    Same signature as `feedback_loss`, so the trainers take either; y, indices and dy are unused.
+    """
+    k, b = dx.shape[0], x.shape[0]
+    x_noisy = (x.unsqueeze(0) + dx).flatten(0, 1)
+    with torch.no_grad():
+        y_noisy, idx_noisy = forward_block(x_noisy)
+    residual = (x_noisy - feedback_block(y_noisy, idx_noisy)).unflatten(0, (k, b))
+    return _sum_per_sample(residual.square()).sum() / (k * (batch_total or b))
+
+
+FeedbackLoss = Callable[..., Tensor]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A target-propagation algorithm: the loss that trains G, and whether targets use differences."""
+
+    feedback_loss: FeedbackLoss
+    difference_targets: bool  # t_{i−1} = h_{i−1} + G(t_i) − G(h_i), else t_{i−1} = G(t_i)
+
+
+VARIANTS = {
+    "dtp": Variant(feedback_loss, difference_targets=True),  # L-DRL (this paper)
+    "vanilla_dtp": Variant(reconstruction_loss, difference_targets=True),
+    "tp": Variant(reconstruction_loss, difference_targets=False),
+}
+
+
 def train_feedback_block(
     forward_block: ForwardBlock,
     feedback_block: FeedbackBlock,
@@ -110,8 +153,11 @@ def train_feedback_block(
     autocast: Autocast = nullcontext,
     batch_total: int | None = None,
     all_reduce: AllReduce | None = None,
+    loss_fn: FeedbackLoss = feedback_loss,
 ) -> Tensor:
     """k_i SGD steps on L_i for one block; returns the mean loss over the iterations (a tensor: no host sync).
+
+    L_i is `loss_fn` (L-DRL unless given, e.g. a Variant's feedback_loss).
 
     When x is this process's rows of a split batch, `all_reduce` sums the parts' gradients every
     iteration (and the loss at the end), so every part takes the full-batch step.
@@ -124,7 +170,7 @@ def train_feedback_block(
     for _ in range(iterations):
         dx, dy = noise.draw(samples, x, y, sigma)
         with autocast():
-            loss = feedback_loss(forward_block, feedback_block, x, y, indices, dx, dy, batch_total)
+            loss = loss_fn(forward_block, feedback_block, x, y, indices, dx, dy, batch_total)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if all_reduce is not None:
@@ -160,9 +206,9 @@ def propagate_targets(
     indices: list[Indices],
     labels: Tensor,
     beta: float,
-    variant: str = "dtp",
+    difference: bool = True,
 ) -> list[Tensor]:
-    """Targets t_0..t_N. DTP: t_{i−1} = h_{i−1} + G_i(t_i) − G_i(h_i); TP: t_{i−1} = G_i(t_i).
+    """Targets t_0..t_N. DTP: t_{i−1} = h_{i−1} + G_i(t_i) − G_i(h_i); TP (difference=False): t_{i−1} = G_i(t_i).
 
     G_i unpools with the indices of the forward pass that produced h_i.
     """
@@ -171,7 +217,7 @@ def propagate_targets(
     targets[n] = output_target(outputs[n].detach(), labels, beta)
     for i in range(n, 0, -1):
         t, h = targets[i], outputs[i].detach()
-        if variant == "dtp":
+        if difference:
             both = feedback_blocks[i](torch.cat([t, h]), [torch.cat([j, j]) for j in indices[i]])
             g_t, g_h = both.chunk(2)
             targets[i - 1] = outputs[i - 1].detach() + g_t - g_h

@@ -51,7 +51,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 PER_BLOCK_KEYS = ("iterations", "noise", "lr")
-ALGORITHMS = ("dtp", "tp", "bp")
+ALGORITHMS = ("dtp", "vanilla_dtp", "tp", "bp")
 ARCHS = ("simple_vgg", "lenet")
 ACTIVATIONS = ("elu", "relu")
 MIXED_PRECISION = ("no", "bf16")

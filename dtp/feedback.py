@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from dtp.algorithm import AllReduce, BlockNoise, train_feedback_block
+from dtp.algorithm import VARIANTS, AllReduce, BlockNoise, train_feedback_block
 from dtp.models import DTPNetwork
 from dtp.runtime import Runtime
 
@@ -91,6 +91,7 @@ def train_blocks(
             autocast=runtime.autocast,
             batch_total=batch_total,
             all_reduce=shard.all_reduce,
+            loss_fn=VARIANTS[cfg["algorithm"]].feedback_loss,
         )
     return losses
 

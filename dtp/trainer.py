@@ -22,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from dtp import config as config_lib
-from dtp.algorithm import forward_losses, forward_pass, propagate_targets, weight_alignment
+from dtp.algorithm import VARIANTS, forward_losses, forward_pass, propagate_targets, weight_alignment
 from dtp.checkpoint import save_checkpoint, save_summary
 from dtp.data import BatchLoader, DatasetSplits
 from dtp.errors import TrainingError, UserError
@@ -102,7 +102,7 @@ def train_step(
     batch_total: int | None = None,
     replica: DataReplica = WholeBatch(),
 ) -> StepResult:
-    """One batch: feedback training, then targets and one forward SGD step (DTP/TP), or plain BP.
+    """One batch: feedback training, then targets and one forward SGD step (DTP and its variants), or plain BP.
 
     x may be one data-parallel copy's rows of a batch of `batch_total` rows: the copies' forward
     gradients are summed before the step, so every copy takes the full-batch step.
@@ -124,9 +124,8 @@ def train_step(
     # Feedback training gets fp32 inputs whatever the autocast, so every FeedbackPhase sees the same tensors.
     fb_losses = feedback.train([h.detach().float() for h in outputs[:-1]], step, batch_total)
     with runtime.autocast():
-        targets = propagate_targets(
-            list(network.feedback_blocks), outputs, indices, labels, cfg["forward"]["beta"], algorithm
-        )
+        targets = propagate_targets(list(network.feedback_blocks), outputs, indices, labels, cfg["forward"]["beta"],
+                                    VARIANTS[algorithm].difference_targets)
         block_losses = forward_losses(outputs, targets, batch_total)
     forward_opt.zero_grad(set_to_none=True)
     torch.stack(block_losses).sum().backward()

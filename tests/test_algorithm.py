@@ -13,6 +13,7 @@ from dtp.algorithm import (
     forward_pass,
     output_target,
     propagate_targets,
+    reconstruction_loss,
     train_feedback_block,
     weight_alignment,
 )
@@ -71,6 +72,32 @@ def test_feedback_loss_matches_hand_computation_with_fixed_noise():
     assert any(not torch.equal(a, b) for a, b in zip(idx, block(x + dx[0])[1]))
 
 
+def test_reconstruction_loss_of_vanilla_dtp_and_tp_matches_hand_computation():
+    """((x + dx) − G(F(x + dx)))², G unpooling with the indices of F(x + dx); bias included."""
+    block, feedback = tiny_conv_block()
+    torch.manual_seed(2)
+    x = torch.randn(5, 2, 4, 4)
+    dx = 0.3 * torch.randn(2, 5, 2, 4, 4)
+    with torch.no_grad():
+        y, idx = block(x)
+    dy = torch.full((2, *y.shape), float("nan"))  # unused: a NaN here would show
+    loss = reconstruction_loss(block, feedback, x, y, idx, dx, dy)
+    params = list(feedback.parameters())
+    grads = torch.autograd.grad(loss, params)
+
+    conv, pool = block.layers[0], block.layers[2]
+    expected = 0.0
+    for k in range(2):
+        with torch.no_grad():
+            y_noisy, idx_noisy = pool(F.elu(conv(x + dx[k])))
+        r = manual_feedback_block(block, feedback, y_noisy, idx_noisy)
+        expected = expected + ((x + dx[k] - r) ** 2).sum((1, 2, 3)).mean() / 2
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for g, e in zip(grads, torch.autograd.grad(expected, params)):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    assert float(grads[1].abs().sum()) > 0  # unlike L-DRL, the bias is trained
+
+
 def test_gradient_flows_through_r_as_well():
     """Dropping r's graph changes the gradient: L_i's gradient includes the r term (§3)."""
     block, feedback = tiny_conv_block()
@@ -102,13 +129,13 @@ def small_network(arch="simple_vgg", channels=(3, 4, 5), in_shape=(3, 16, 16), s
     return DTPNetwork(cfg, in_shape, 10, seed)
 
 
-@pytest.mark.parametrize("variant", ["dtp", "tp"])
-def test_propagate_targets_matches_hand_recursion(variant):
+@pytest.mark.parametrize("difference", [True, False])
+def test_propagate_targets_matches_hand_recursion(difference):
     net = small_network()
     torch.manual_seed(3)
     x, labels = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
     outputs, indices = forward_pass(list(net.forward_blocks), x)
-    targets = propagate_targets(list(net.feedback_blocks), outputs, indices, labels, 0.7, variant)
+    targets = propagate_targets(list(net.feedback_blocks), outputs, indices, labels, 0.7, difference)
 
     n = len(outputs) - 1
     with torch.no_grad():
@@ -116,7 +143,7 @@ def test_propagate_targets_matches_hand_recursion(variant):
         torch.testing.assert_close(targets[n], t)
         for i in range(n, 0, -1):
             g = net.feedback_blocks[i]
-            if variant == "dtp":
+            if difference:
                 t = outputs[i - 1] + g(t, indices[i]) - g(outputs[i], indices[i])
             else:
                 t = g(t, indices[i])
@@ -190,7 +217,8 @@ def test_a_part_of_the_batch_draws_exactly_its_rows_of_the_full_batch_noise():
         BlockNoise(0, 2, 7, slice(4, 20), CPU)
 
 
-def test_parts_of_a_batch_sum_to_the_full_batch_loss_and_gradient():
+@pytest.mark.parametrize("loss_fn", [feedback_loss, reconstruction_loss])
+def test_parts_of_a_batch_sum_to_the_full_batch_loss_and_gradient(loss_fn):
     """Block splitting and replicas rest on this: each part's loss is its share of the full-batch mean."""
     block, feedback = tiny_conv_block()
     x = torch.randn(16, 2, 4, 4)
@@ -199,7 +227,7 @@ def test_parts_of_a_batch_sum_to_the_full_batch_loss_and_gradient():
 
     def loss_and_grad(rows, total):
         feedback.zero_grad()
-        loss = feedback_loss(block, feedback, x[rows], y[rows], [i[rows] for i in idx], dx[:, rows], dy[:, rows], total)
+        loss = loss_fn(block, feedback, x[rows], y[rows], [i[rows] for i in idx], dx[:, rows], dy[:, rows], total)
         loss.backward()
         return loss.detach(), feedback.layers[-1].weight.grad.clone()
 

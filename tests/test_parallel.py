@@ -20,17 +20,18 @@ STEPS = "3"
 
 @pytest.fixture(scope="module")
 def sequential_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("seq")
-    assert_ok(run_script("train_sequential.py", "--config", SMOKE, "--max-steps", STEPS, "--out", str(out)))
-    return load(out)
+    """The sequential run's checkpoint after 3 steps of smoke.yaml with the given extra flags (run once each)."""
+    runs = {}
 
+    def reference(*flags: str) -> dict:
+        if flags not in runs:
+            out = tmp_path_factory.mktemp("seq")
+            assert_ok(run_script("train_sequential.py", "--config", SMOKE, "--max-steps", STEPS, *flags,
+                                 "--out", str(out)))
+            runs[flags] = load(out)
+        return runs[flags]
 
-@pytest.fixture(scope="module")
-def sequential_reference_batch32(tmp_path_factory):
-    out = tmp_path_factory.mktemp("seq32")
-    assert_ok(run_script("train_sequential.py", "--config", SMOKE, "--batch-size", "32", "--max-steps", STEPS,
-                         "--out", str(out)))
-    return load(out)
+    return reference
 
 
 def assert_parity(reference, other):
@@ -41,37 +42,43 @@ def assert_parity(reference, other):
         assert float((a - b).abs().max()) <= TOLERANCE * max(float(a.abs().max()), 1e-3)
 
 
-# Every layout the README says equals sequential, pinned: ranks, replicas, and the parts per block
-# (smoke.yaml has 5 feedback blocks). --split none keeps blocks whole whatever start-up timings say.
+# Every layout the README says equals sequential, pinned: ranks, layout flags (--split none keeps
+# blocks whole whatever start-up timings say), flags both runs share, and the parts per block the run
+# must report (smoke.yaml has 5 feedback blocks).
 WHOLE = ["--split", "none"]
+SLOW_FORWARD = ["--set", "forward.lr=0.001"]
 LAYOUTS = {
-    "whole blocks, 1 rank": (1, WHOLE, [1, 1, 1, 1, 1]),
-    "whole blocks, 2 ranks": (2, WHOLE, [1, 1, 1, 1, 1]),
-    "whole blocks, 3 ranks": (3, WHOLE, [1, 1, 1, 1, 1]),
-    "whole blocks, 6 ranks": (6, WHOLE, [1, 1, 1, 1, 1]),
-    "split 2,1,1,1,1 on 2 ranks": (2, ["--split", "2,1,1,1,1"], [2, 1, 1, 1, 1]),
-    "split 2,2,1,1,1 on 3 ranks": (3, ["--split", "2,2,1,1,1"], [2, 2, 1, 1, 1]),
-    "2 replicas of 1 rank": (2, ["--replicas", "2", *WHOLE], [1, 1, 1, 1, 1]),
+    "whole blocks, 1 rank": (1, WHOLE, [], [1, 1, 1, 1, 1]),
+    "whole blocks, 2 ranks": (2, WHOLE, [], [1, 1, 1, 1, 1]),
+    "whole blocks, 3 ranks": (3, WHOLE, [], [1, 1, 1, 1, 1]),
+    "whole blocks, 6 ranks": (6, WHOLE, [], [1, 1, 1, 1, 1]),
+    "split 2,1,1,1,1 on 2 ranks": (2, ["--split", "2,1,1,1,1"], [], [2, 1, 1, 1, 1]),
+    "split 2,2,1,1,1 on 3 ranks": (3, ["--split", "2,2,1,1,1"], [], [2, 2, 1, 1, 1]),
+    "2 replicas of 1 rank": (2, ["--replicas", "2", *WHOLE], [], [1, 1, 1, 1, 1]),
     # 16 rows per replica; block 1's gradient is summed over 4 ranks, 2 in each replica.
     "2 replicas of 3 ranks, block 1 split, batch 32": (
-        6, ["--replicas", "2", "--split", "2,1,1,1,1", "--batch-size", "32"], [2, 1, 1, 1, 1]),
+        6, ["--replicas", "2", "--split", "2,1,1,1,1"], ["--batch-size", "32"], [2, 1, 1, 1, 1]),
+    # The reconstruction loss trains G's bias too, so a split block sums its gradient as well. Both
+    # variants use the published forward lr 1e-3: smoke.yaml's 0.05 sends TP to NaN at step 1.
+    "vanilla_dtp, split 2,1,1,1,1 on 2 ranks": (
+        2, ["--split", "2,1,1,1,1"], ["--algorithm", "vanilla_dtp", *SLOW_FORWARD], [2, 1, 1, 1, 1]),
+    "tp, whole blocks, 3 ranks": (3, WHOLE, ["--algorithm", "tp", *SLOW_FORWARD], [1, 1, 1, 1, 1]),
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_parallel_equals_sequential(tmp_path, request, layout):
-    nproc, flags, pieces = LAYOUTS[layout]
-    batch32 = "--batch-size" in flags
-    reference = request.getfixturevalue("sequential_reference_batch32" if batch32 else "sequential_reference")
+def test_parallel_equals_sequential(tmp_path, sequential_reference, layout):
+    nproc, layout_flags, shared_flags, pieces = LAYOUTS[layout]
     out = tmp_path / "run"
-    proc = run_torchrun(nproc, "--config", SMOKE, "--max-steps", STEPS, *flags, "--out", str(out))
+    proc = run_torchrun(nproc, "--config", SMOKE, "--max-steps", STEPS, *layout_flags, *shared_flags,
+                        "--out", str(out))
     assert_ok(proc)
     assert "rank 0 (leader)" in proc.stdout
-    assert_parity(reference, load(out))
+    assert_parity(sequential_reference(*shared_flags), load(out))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and "val_top1" in summary
     par = summary["parallel"]
-    replicas = 2 if "--replicas" in flags else 1
+    replicas = 2 if "--replicas" in layout_flags else 1
     assert (par["world_size"], par["replicas"], par["block_pieces"]) == (nproc, replicas, pieces)
     assert 0.0 < par["efficiency"] <= 1.0 and par["speedup_bound"] > 0.0
     assert set(par) >= {"sec_per_step", "block_feedback_s", "leader_non_feedback_s", "speedup_estimate", "owners"}
@@ -115,6 +122,18 @@ def test_bad_layouts_are_errors(tmp_path, nproc, flags, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr.split("error:")[0][-2000:]
+
+
+def test_a_nan_loss_stops_every_rank_with_one_error_line(tmp_path):
+    proc = run_torchrun(3, "--config", SMOKE, *WHOLE, "--set", "feedback.lr=[1.0e+30,1.0e-3,1.0e-3,1.0e-3,1.0e-3]",
+                        "--out", str(tmp_path / "r"))
+    assert proc.returncode != 0
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        line for line in proc.stderr.splitlines() if "not finite" in line]
+    assert "feedback.lr" in proc.stderr
+    # The workers are released by the leader and exit quietly: no lost connection, no abort.
+    assert "Connection closed" not in proc.stderr and "terminate called" not in proc.stderr
+    assert proc.stderr.count("exitcode  : 2") == 3  # torchrun's report: every rank exited 2, none was killed
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:
@@ -185,7 +204,7 @@ def test_two_simulated_nodes_with_a_replica_each_equal_one_process(tmp_path, seq
     for node, (stdout, stderr) in zip(nodes, results):
         assert node.returncode == 0, stderr[-3000:]
     assert any("2 replica(s) of 2 rank(s)" in stdout for stdout, _ in results)
-    assert_parity(sequential_reference, load(out))
+    assert_parity(sequential_reference(), load(out))
 
 
 def test_sigusr1_to_rank_0_stops_every_replica_at_one_step_and_resumes_exactly(tmp_path, tiny_npz):

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dtp.algorithm import AllReduce, BlockNoise, train_feedback_block
+from dtp.algorithm import VARIANTS, AllReduce, BlockNoise, train_feedback_block
 from dtp.models import DTPNetwork
 from dtp.parallel.layout import DistContext, all_reduce_flat
 from dtp.parallel.planning import LEADER, Costs, split_rows
@@ -32,7 +32,8 @@ def time_feedback_iteration(network: DTPNetwork, cfg: dict[str, Any], i: int, ro
 
     def run(iterations: int) -> None:
         train_feedback_block(forward_block, feedback_block, optimizer, x, iterations, fb["noise"][i - 1],
-                             fb["samples"], noise, runtime.autocast, cfg["batch_size"], reduce)
+                             fb["samples"], noise, runtime.autocast, cfg["batch_size"], reduce,
+                             VARIANTS[cfg["algorithm"]].feedback_loss)
         synchronize(runtime.device)
 
     run(warmup)  # allocator and kernel selection

@@ -17,13 +17,14 @@ import torch
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
+from dtp.errors import UserError
 from dtp.feedback import BlockShard, train_blocks
 from dtp.metrics import peak_rss_mib
 from dtp.models import DTPNetwork
 from dtp.parallel.layout import ProcessGroups
 from dtp.parallel.planning import LEADER, Costs, format_plan, speedup_bound
 from dtp.parallel.protocol import (
-    CMD_STEP, CMD_STOP, TIMING_FIELDS, Header, Message, broadcast_header, forward_vector, load_forward_vector,
+    CMD_ABORT, CMD_STEP, CMD_STOP, TIMING_FIELDS, Header, Message, broadcast_header, forward_vector, load_forward_vector,
     load_state_vector, receive, send, state_vector, step_exchange,
 )
 from dtp.runtime import Runtime, synchronize
@@ -161,8 +162,9 @@ class DistributedFeedback:
         })
         return {"parallel": result}
 
-    def close(self) -> None:
-        broadcast_header(Header(CMD_STOP), self.groups, self.runtime.device)
+    def close(self, failed: bool = False) -> None:
+        """Release the workers; after an error they exit without waiting on the leader's teardown."""
+        broadcast_header(Header(CMD_ABORT if failed else CMD_STOP), self.groups, self.runtime.device)
 
 
 def run_worker(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict[str, Any], runtime: Runtime,
@@ -184,6 +186,8 @@ def run_worker(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict
         header = broadcast_header(None, groups, device)
         if header.command == CMD_STOP:
             return
+        if header.command == CMD_ABORT:
+            raise UserError("the leader stopped with an error; its message says why")
         t2 = time.perf_counter()
         exchange = step_exchange(network, layout, me, header)
         inbound, works = receive(exchange.to_worker, leader, device)

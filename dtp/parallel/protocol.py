@@ -19,7 +19,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from dtp.models import DTPNetwork
 from dtp.parallel.layout import Layout, ProcessGroups
 
-CMD_STEP, CMD_STOP = 0, 1
+CMD_STEP, CMD_STOP, CMD_ABORT = 0, 1, 2  # ABORT: the leader stops on an error
 # A worker's per-step timing message: compute, communication and waiting seconds, and its peak memory.
 TIMING_FIELDS = ("compute_s", "comm_s", "wait_s", "peak_rss_mib")
 
