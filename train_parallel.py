@@ -18,7 +18,6 @@ from dtp.cli import build_network, build_parser, exit_on_user_error, load_data, 
 from dtp.config import to_yaml
 from dtp.errors import UserError
 from dtp.feedback import make_feedback_optimizers
-from dtp.models import DTPNetwork
 from dtp.parallel.costs import measure_feedback_costs
 from dtp.parallel.feedback import DistributedFeedback, run_worker
 from dtp.parallel.layout import Layout, ProcessGroups, ReplicaGroup, decided_by_leader, init_distributed
@@ -58,7 +57,7 @@ def main() -> None:
         nonlocal run, data, network
         run = resolve_run(args)
         data = load_data(run.cfg)
-        network = build_network(run.cfg, data)
+        network = build_network(run.cfg, data.input_shape, data.num_classes)
         if run.cfg["algorithm"] == "bp":
             raise UserError("--algorithm bp has no feedback phase to parallelise; use train_sequential.py")
         most = check_layout(run.cfg["batch_size"], network.n_feedback, ctx.world_size, args.replicas, args.split)
@@ -66,7 +65,7 @@ def main() -> None:
 
     cfg, input_shape, num_classes, most = decided_by_leader(ctx, resolve)
     if not ctx.is_leader:
-        network = DTPNetwork(cfg["model"], input_shape, num_classes, cfg["seed"])
+        network = build_network(cfg, input_shape, num_classes)
     network.to(ctx.device)
     runtime = Runtime(device=ctx.device, autocast=autocast_for(ctx.device, cfg["mixed_precision"]))
     group_size = ctx.world_size // args.replicas

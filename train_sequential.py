@@ -24,7 +24,7 @@ def main() -> None:
     runtime = Runtime(device=accelerator.device, autocast=accelerator.autocast)
     print(to_yaml(cfg), end="")
     data = load_data(cfg)
-    network = build_network(cfg, data).to(runtime.device)
+    network = build_network(cfg, data.input_shape, data.num_classes).to(runtime.device)
     if cfg["algorithm"] == "bp":
         feedback_optimizers, feedback = [], None
     else:

@@ -64,11 +64,13 @@ def resolve_run(args: argparse.Namespace) -> Run:
     return Run(cfg, Path(out), args.max_steps, resume_state)
 
 
-def build_network(cfg: dict[str, Any], data: DatasetSplits) -> DTPNetwork:
+def build_network(cfg: dict[str, Any], input_shape: tuple[int, int, int], num_classes: int) -> DTPNetwork:
     """The network for this data, with per-block lists checked against its number of feedback blocks."""
-    network = DTPNetwork(cfg["model"], data.input_shape, data.num_classes, cfg["seed"])
+    network = DTPNetwork(cfg["model"], input_shape, num_classes, cfg["seed"])
     if cfg["algorithm"] != "bp":
         config_lib.check_block_lists(cfg, network.n_feedback)
+    if cfg["feedback"]["init_symmetric"]:
+        network.init_feedback_symmetric()
     return network
 
 

@@ -35,14 +35,22 @@ DEFAULTS: dict[str, Any] = {
         "lr": [1e-4, 3.5e-4, 8e-3, 8e-3, 0.18],
         "momentum": 0.9,
         "samples": 1,
+        "init_symmetric": False,  # start G's weights at the transposes of F's (its biases as initialised)
     },
     "forward": {
         "lr": 0.08,
         "momentum": 0.9,
         "weight_decay": 1e-4,
         "beta": 0.7,
+        "scheduler": "cosine",  # per epoch: cosine (t_max, eta_min), step (step_size, gamma) or none
         "t_max": 85,
         "eta_min": 1e-5,
+        "step_size": 30,
+        "gamma": 0.1,
+    },
+    "early_stopping": {
+        "patience": 0,  # stop after this many evaluations without a better val top-1; 0: never
+        "min_delta": 0.0,
     },
     "log": {
         "every": 10,
@@ -55,6 +63,7 @@ ALGORITHMS = ("dtp", "vanilla_dtp", "tp", "bp")
 ARCHS = ("simple_vgg", "lenet")
 ACTIVATIONS = ("elu", "relu")
 MIXED_PRECISION = ("no", "bf16")
+SCHEDULERS = ("cosine", "step", "none")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -141,6 +150,13 @@ def validate(cfg: dict[str, Any]) -> None:
     _check_choice(cfg, "model.arch", ARCHS)
     _check_choice(cfg, "model.activation", ACTIVATIONS)
     _check_choice(cfg, "mixed_precision", MIXED_PRECISION)
+    _check_choice(cfg, "forward.scheduler", SCHEDULERS)
+    _check_positive(cfg["forward"]["step_size"], "forward.step_size", integer=True)
+    patience = cfg["early_stopping"]["patience"]
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        raise ConfigError(f"early_stopping.patience must be 0 (off) or a positive integer, got {patience!r}")
+    if not isinstance(cfg["feedback"]["init_symmetric"], bool):
+        raise ConfigError(f"feedback.init_symmetric must be true or false, got {cfg['feedback']['init_symmetric']!r}")
     for key in ("epochs", "batch_size", "eval_batch_size"):
         _check_positive(cfg[key], key, integer=True)
     _check_positive(cfg["feedback"]["samples"], "feedback.samples", integer=True)

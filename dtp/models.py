@@ -181,6 +181,16 @@ class DTPNetwork(nn.Module):
             invert_block(block, shape) for block, shape in zip(self.forward_blocks, self.block_input_shapes)
         )
 
+    @torch.no_grad()
+    def init_feedback_symmetric(self) -> None:
+        """Start every feedback weight at its forward weight's transpose (feedback.init_symmetric).
+
+        A ConvTranspose2d weight has its Conv2d twin's layout already; a Linear one is transposed.
+        """
+        for forward, feedback in zip(self.forward_blocks, self.feedback_blocks):
+            for f, g in zip(parametric_layers(forward), reversed(parametric_layers(feedback))):
+                g.weight.copy_(f.weight.t() if isinstance(f, nn.Linear) else f.weight)
+
     @property
     def n_feedback(self) -> int:
         """Number of trainable feedback blocks (G_1..G_N)."""

@@ -155,13 +155,37 @@ def evaluate_network(network: DTPNetwork, loader: BatchLoader, runtime: Runtime)
 
 def build_forward_optimizer(
     network: DTPNetwork, cfg: dict[str, Any]
-) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.CosineAnnealingLR]:
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD on the forward weights and its per-epoch schedule (forward.scheduler); feedback lrs have none."""
     fwd = cfg["forward"]
     opt = torch.optim.SGD(
         network.forward_blocks.parameters(), lr=fwd["lr"], momentum=fwd["momentum"], weight_decay=fwd["weight_decay"]
     )
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=fwd["t_max"], eta_min=fwd["eta_min"])
+    if fwd["scheduler"] == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=fwd["t_max"], eta_min=fwd["eta_min"])
+    elif fwd["scheduler"] == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=fwd["step_size"], gamma=fwd["gamma"])
+    else:
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
     return opt, sched
+
+
+@dataclass
+class EarlyStopping:
+    """Stop once val top-1 has not beaten its best by more than min_delta for `patience` evaluations."""
+
+    patience: int
+    min_delta: float
+    best: float = -math.inf
+    bad_evaluations: int = 0
+
+    def update(self, top1: float) -> bool:
+        """Record an evaluation; True when training should stop."""
+        if top1 > self.best + self.min_delta:
+            self.best, self.bad_evaluations = top1, 0
+        else:
+            self.bad_evaluations += 1
+        return 0 < self.patience <= self.bad_evaluations
 
 
 def _flat_hparams(cfg: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -271,6 +295,8 @@ class Trainer:
         self.started = time.perf_counter()
         self.train_seconds, self.train_images = 0.0, 0
         self.stop = StopSignal()
+        self.early_stopping = EarlyStopping(**cfg["early_stopping"])
+        self.stopped_early = False
         self.log: RunLog | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -285,6 +311,7 @@ class Trainer:
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
             "wall_time_s": self.wall_before + time.perf_counter() - self.started,
+            "early_stopping": {"best": self.early_stopping.best, "bad_evaluations": self.early_stopping.bad_evaluations},
             "config": self.cfg,
         }
 
@@ -301,6 +328,9 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise UserError(f"--resume: the checkpoint does not match this model/config ({exc})") from None
         self.step, self.wall_before = state["step"], state.get("wall_time_s", 0.0)
+        early = state.get("early_stopping", {})  # checkpoints from before early stopping have none
+        self.early_stopping.best = early.get("best", -math.inf)
+        self.early_stopping.bad_evaluations = early.get("bad_evaluations", 0)
 
     def fit(self, data: DatasetSplits, out_dir: Path | None, max_steps: int | None = None) -> dict[str, Any]:
         """Train until cfg['epochs'] (or max_steps steps in total); evaluate and checkpoint after each epoch.
@@ -322,16 +352,14 @@ class Trainer:
         self.stop.install()
         self.started = time.perf_counter()
         metrics: dict[str, float] = {}
-        evaluated_at, stopping = -1, False
-        while self.step < total_steps and not stopping:
+        evaluated_at, stopping, early = -1, False, False
+        while self.step < total_steps and not stopping and not early:
             epoch = self.step // self.steps_per_epoch
             stopping, ce, top1 = self.train_epoch(train_loader, epoch, total_steps)
             if self.step % self.steps_per_epoch == 0:
-                self.scheduler.step()
                 evaluated_at = self.step
-                if self.log is not None:
-                    metrics = self.evaluate(test_loader, f"epoch {epoch}: train loss {ce:.4f} top1 {top1:.4f} | ")
-                    self.save_checkpoint(out_dir)
+                metrics, early = self.end_epoch(test_loader, out_dir,
+                                                f"epoch {epoch}: train loss {ce:.4f} top1 {top1:.4f} | ")
         if stopping:
             return self.stopped(out_dir, checkpointed=evaluated_at == self.step)
         if self.log is None:
@@ -382,6 +410,24 @@ class Trainer:
         _check_finite(result, self.step, self.cfg)
         return result, stopping
 
+    def end_epoch(self, loader: BatchLoader, out_dir: Path | None, prefix: str) -> tuple[dict[str, float], bool]:
+        """Step the lr schedule; the main copy evaluates and checkpoints; every copy learns whether to stop early."""
+        self.scheduler.step()
+        metrics, decision = {}, False
+        if self.log is not None:
+            metrics = self.evaluate(loader, prefix)
+            decision = self.early_stopping.update(metrics["top1"])
+        if self.early_stopping.patience:
+            flag = torch.tensor([float(decision)], device=self.runtime.device)
+            self.replica.all_reduce([flag])  # every copy stops at the same step
+            self.stopped_early = bool(flag > 0)
+        if self.log is not None:
+            self.save_checkpoint(out_dir)
+            if self.stopped_early:
+                tqdm.write(f"early stopping: val top-1 has not beaten {self.early_stopping.best:.4f} for "
+                           f"{self.early_stopping.patience} evaluation(s)")
+        return metrics, self.stopped_early
+
     def evaluate(self, loader: BatchLoader, prefix: str) -> dict[str, float]:
         assert self.log is not None
         metrics = evaluate_network(self.network, loader, self.runtime)
@@ -413,6 +459,8 @@ class Trainer:
             "train_images_per_s": self.train_images / self.train_seconds if self.train_seconds else 0.0,
             "algorithm": self.cfg["algorithm"],
             "dataset": self.cfg["dataset"],
+            "stopped_early": self.stopped_early,
+            "best_val_top1": max(self.early_stopping.best, metrics["top1"]),
         }
         if self.feedback is not None:
             summary.update(self.feedback.summary())

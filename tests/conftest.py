@@ -41,16 +41,26 @@ def load(run_dir: Path) -> dict:
     return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
-def event_tags(run_dir: Path) -> set[str]:
-    """Every scalar and text tag in the TensorBoard event files of a run (text tags end in /text_summary)."""
+def _event_accumulators(run_dir: Path) -> list:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tags: set[str] = set()
+    accumulators = []
     for event_file in Path(run_dir).glob("events.out.tfevents.*"):
         acc = EventAccumulator(str(event_file))
         acc.Reload()
-        tags |= set(acc.Tags()["scalars"]) | set(acc.Tags()["tensors"])
-    return tags
+        accumulators.append(acc)
+    return accumulators
+
+
+def event_tags(run_dir: Path) -> set[str]:
+    """Every scalar and text tag in the TensorBoard event files of a run (text tags end in /text_summary)."""
+    return {tag for acc in _event_accumulators(run_dir) for kind in ("scalars", "tensors") for tag in acc.Tags()[kind]}
+
+
+def scalar_values(run_dir: Path, tag: str) -> dict[int, float]:
+    """The logged values of one scalar tag of a run, by step."""
+    return {event.step: event.value for acc in _event_accumulators(run_dir) if tag in acc.Tags()["scalars"]
+            for event in acc.Scalars(tag)}
 
 
 def max_relative_difference(a: dict, b: dict, key: str) -> float:

@@ -124,6 +124,17 @@ def test_bad_layouts_are_errors(tmp_path, nproc, flags, message):
     assert "Traceback" not in proc.stderr.split("error:")[0][-2000:]
 
 
+def test_early_stopping_stops_every_replica_at_the_same_step(tmp_path, tiny_npz):
+    """Only rank 0 evaluates; the other replica learns its decision and stops with it (see the
+    sequential early-stopping test for why the run ends after 3 epochs)."""
+    common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "10",
+              "--set", "forward.lr=1.0e-12", "--set", "early_stopping.patience=2"]
+    out = tmp_path / "run"
+    assert_ok(run_torchrun(2, *common, "--replicas", "2", "--out", str(out), timeout=120))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["steps"] == 12
+
+
 def test_a_nan_loss_stops_every_rank_with_one_error_line(tmp_path):
     proc = run_torchrun(3, "--config", SMOKE, *WHOLE, "--set", "feedback.lr=[1.0e+30,1.0e-3,1.0e-3,1.0e-3,1.0e-3]",
                         "--out", str(tmp_path / "r"))

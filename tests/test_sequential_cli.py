@@ -8,7 +8,9 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, SMOKE, assert_ok, event_tags, load, momentum_buffers, run_script, script_env
+from conftest import (
+    ROOT, SMOKE, assert_ok, event_tags, load, momentum_buffers, run_script, scalar_values, script_env,
+)
 
 
 def test_smoke_run_writes_checkpoint_summary_and_tensorboard(tmp_path):
@@ -153,3 +155,50 @@ def test_a_checkpoint_carrying_a_pickled_object_is_refused_without_running_it(tm
     assert [line for line in proc.stderr.splitlines() if line.strip()] == [proc.stderr.strip()]  # one line
     assert proc.stderr.startswith("error: ")
     assert not marker.exists()
+
+
+def test_forward_schedules_step_per_epoch(tmp_path, tiny_npz):
+    """cosine (T_max, eta_min), step (step_size, gamma) and none; the lr is logged before each epoch's steps."""
+    common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "3",
+              "--set", "forward.lr=0.04", "--set", "forward.step_size=2", "--set", "forward.gamma=0.5"]
+    # lr during epochs 0, 1, 2, and after the third epoch's step of the schedule
+    expected = {"step": ([0.04, 0.04, 0.02], 0.02), "none": ([0.04, 0.04, 0.04], 0.04)}
+    for scheduler, (lrs, after) in expected.items():
+        out = tmp_path / scheduler
+        assert_ok(run_script("train_sequential.py", *common, "--set", f"forward.scheduler={scheduler}",
+                             "--out", str(out)))
+        assert load(out)["forward_optimizer"]["param_groups"][0]["lr"] == pytest.approx(after)
+        logged = scalar_values(out, "train/forward_lr")
+        assert [logged[s] for s in (4, 8, 12)] == pytest.approx(lrs)  # the last step of each epoch
+    expect_error(run_script("train_sequential.py", *common, "--set", "forward.scheduler=linear"),
+                 "forward.scheduler", "cosine, step, none")
+
+
+def test_early_stopping_ends_the_run_and_resumes_with_its_count(tmp_path, tiny_npz):
+    """A forward lr of 1e-12 leaves val top-1 where it is: the best is the first evaluation, and with
+    patience 2 the run stops after the third epoch, also across a resume after the first."""
+    common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--set", "forward.lr=1.0e-12",
+              "--set", "early_stopping.patience=2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    proc = run_script("train_sequential.py", *common, "--epochs", "10", "--out", str(straight))
+    assert_ok(proc)
+    assert "early stopping" in proc.stdout + proc.stderr
+    summary = json.loads((straight / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["steps"] == 12 and summary["best_val_top1"] == summary["val_top1"]
+    assert_ok(run_script("train_sequential.py", *common, "--epochs", "1", "--out", str(resumed)))
+    assert_ok(run_script("train_sequential.py", "--resume", str(resumed), "--epochs", "10"))
+    assert json.loads((resumed / "summary.json").read_text())["steps"] == 12
+    assert_same_run(load(straight), load(resumed))
+
+
+def test_symmetric_feedback_initialisation_starts_at_the_transposes(tmp_path, tiny_npz):
+    out = tmp_path / "run"
+    assert_ok(run_script("train_sequential.py", "--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz),
+                         "--set", "feedback.init_symmetric=true", "--set", "feedback.iterations=[1,1,1,1,1]",
+                         "--set", "feedback.lr=[1.0e-30,1.0e-30,1.0e-30,1.0e-30,1.0e-30]",
+                         "--set", "forward.lr=1.0e-30", "--max-steps", "1", "--out", str(out)))
+    state = load(out)
+    conv_f, conv_g = state["forward"]["1.layers.0.weight"], state["feedback"]["1.layers.2.weight"]
+    assert torch.allclose(conv_f, conv_g)
+    lin_f, lin_g = state["forward"]["5.layers.1.weight"], state["feedback"]["5.layers.0.weight"]
+    assert torch.allclose(lin_f, lin_g.t())
