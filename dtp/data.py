@@ -30,7 +30,7 @@ IMAGENET32_TRAIN_FILES = tuple(f"train_data_batch_{i}" for i in range(1, 11))
 IMAGENET32_VAL_FILE = "val_data"
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
-PAD = 4  # pixels of zero padding before the random crop (DESIGN §5)
+PAD = 4  # pixels of edge padding before the random crop (DESIGN §5; edge as in the published code)
 _STATS_CHUNK_ELEMENTS = 1 << 23  # int64 values per chunk when computing mean/std (64 MiB)
 # Leading words that keep the permutation and augmentation seed streams apart.
 _PERM_STREAM = 0x5045524D
@@ -405,22 +405,23 @@ def make_shapes(
 
 
 def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop from the PAD-zero-padded image plus random horizontal flip, for a uint8 B×C×H×W batch.
+    """Random crop from the image padded by PAD pixels of its edge, plus random horizontal flip, for a
+    uint8 B×C×H×W batch (the published `RandomCrop(32, padding=4, padding_mode="edge")` and flip).
 
-    Done with one gather: per image, row and column index vectors into the
-    padded batch, the column vector reversed for flipped images.
+    Done with one gather: per image, row and column index vectors into the batch, shifted by the crop
+    offset and clamped to the image (which is what edge padding is), the column vector reversed for
+    flipped images.
     """
     b, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (PAD, PAD, PAD, PAD))
     top = torch.randint(0, 2 * PAD + 1, (b,), generator=generator).to(x.device)
     left = torch.randint(0, 2 * PAD + 1, (b,), generator=generator).to(x.device)
     flip = (torch.rand(b, generator=generator) < 0.5).to(x.device)
-    rows = top[:, None] + torch.arange(h, device=x.device)
-    cols = left[:, None] + torch.arange(w, device=x.device)
+    rows = (top[:, None] - PAD + torch.arange(h, device=x.device)).clamp(0, h - 1)
+    cols = (left[:, None] - PAD + torch.arange(w, device=x.device)).clamp(0, w - 1)
     cols = torch.where(flip[:, None], cols.flip(1), cols)
     batch_idx = torch.arange(b, device=x.device)[:, None, None, None]
     chan_idx = torch.arange(c, device=x.device)[None, :, None, None]
-    return padded[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
+    return x[batch_idx, chan_idx, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 class BatchLoader:

@@ -373,11 +373,11 @@ def test_normalisation_uses_mean_and_std() -> None:
     torch.testing.assert_close(images, expected)
 
 
-def test_augmentation_is_a_padded_crop_possibly_flipped() -> None:
+def test_augmentation_is_a_crop_of_the_edge_padded_image_possibly_flipped() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(1, 256, (64, 3, 8, 7), dtype=torch.uint8, generator=gen)
     out = augment(x, torch.Generator().manual_seed(1))
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="replicate").to(torch.uint8)
     seen_flip, seen_plain, seen_shift = False, False, False
     for i in range(len(x)):
         matches = [
@@ -393,6 +393,7 @@ def test_augmentation_is_a_padded_crop_possibly_flipped() -> None:
         seen_plain |= not flip
         seen_shift |= (top, left) != (4, 4)
     assert seen_flip and seen_plain and seen_shift
+    assert out.dtype == torch.uint8 and not (out == 0).any()  # edge padding brings in no zeros
 
 
 def test_train_batches_are_augmented_but_same_examples() -> None:

@@ -202,3 +202,18 @@ def test_symmetric_feedback_initialisation_starts_at_the_transposes(tmp_path, ti
     assert torch.allclose(conv_f, conv_g)
     lin_f, lin_g = state["forward"]["5.layers.1.weight"], state["feedback"]["5.layers.0.weight"]
     assert torch.allclose(lin_f, lin_g.t())
+
+
+@pytest.mark.parametrize("dataset,algorithm,expected", [
+    ("imagenet32", "bp", {"batch_size": 256, "forward.lr": 0.01, "forward.scheduler": "step"}),
+    ("cifar10", "vanilla_dtp", {"batch_size": 128, "forward.lr": 1e-3, "forward.scheduler": "cosine"}),
+])
+def test_each_dataset_and_algorithm_starts_from_its_published_config(dataset, algorithm, expected):
+    from dtp import config as config_lib
+
+    cfg = config_lib.resolve(None, {"dataset": dataset, "algorithm": algorithm}, [])
+    for key, value in expected.items():
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
