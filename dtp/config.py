@@ -195,7 +195,8 @@ def resolve(
     base: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Build the run config: base (defaults or a resumed run's config) <- YAML file <- flags <- --set."""
-    cfg = copy.deepcopy(base) if base is not None else copy.deepcopy(DEFAULTS)
+    # A resumed run's config is laid over the defaults, so keys added since it was written take their defaults.
+    cfg = merge(DEFAULTS, base) if base is not None else copy.deepcopy(DEFAULTS)
     if config_path is None and base is None:
         dataset = overrides.get("dataset") or cfg["dataset"]
         algorithm = overrides.get("algorithm") or cfg["algorithm"]

@@ -217,3 +217,18 @@ def test_each_dataset_and_algorithm_starts_from_its_published_config(dataset, al
         for part in key.split("."):
             node = node[part]
         assert node == value, key
+
+
+def test_a_checkpoint_from_before_the_newer_options_resumes_with_their_defaults(tmp_path, tiny_npz):
+    out, straight = tmp_path / "old", tmp_path / "straight"
+    common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz)]
+    assert_ok(run_script("train_sequential.py", *common, "--epochs", "1", "--out", str(out)))
+    state = load(out)
+    del state["early_stopping"], state["config"]["early_stopping"]
+    for section, key in (("forward", "scheduler"), ("forward", "step_size"), ("forward", "gamma"),
+                         ("feedback", "init_symmetric")):
+        del state["config"][section][key]
+    torch.save(state, out / "checkpoint.pt")
+    assert_ok(run_script("train_sequential.py", "--resume", str(out), "--epochs", "2"))
+    assert_ok(run_script("train_sequential.py", *common, "--epochs", "2", "--out", str(straight)))
+    assert_same_run(load(straight), load(out))
