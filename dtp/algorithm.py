@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dtp.models import FeedbackBlock, ForwardBlock, Indices, parametric_layers
+from dtp.models import FeedbackBlock, ForwardBlock, Indices, weight_pairs
 from dtp.seeding import seeded_generator
 
 Autocast = Callable[[], AbstractContextManager]
@@ -237,14 +237,10 @@ def forward_losses(outputs: list[Tensor], targets: list[Tensor], batch_total: in
 
 @torch.no_grad()
 def weight_alignment(forward_block: ForwardBlock, feedback_block: FeedbackBlock) -> tuple[float, float]:
-    """Angle (degrees) and relative distance ||W − Bᵀ|| / ||W|| between forward and feedback weights.
-
-    A ConvTranspose2d weight already has its Conv2d twin's layout; a Linear feedback weight is transposed.
-    """
-    f_layers = parametric_layers(forward_block)
-    g_layers = list(reversed(parametric_layers(feedback_block)))
-    w = torch.cat([m.weight.flatten() for m in f_layers])
-    b = torch.cat([(m.weight.t() if isinstance(m, torch.nn.Linear) else m.weight).flatten() for m in g_layers])
+    """Angle (degrees) and relative distance ||W − Bᵀ|| / ||W|| between forward and feedback weights."""
+    pairs = weight_pairs(forward_block, feedback_block)
+    w = torch.cat([w.flatten() for w, _ in pairs])
+    b = torch.cat([b_t.flatten() for _, b_t in pairs])
     cos = torch.dot(w, b) / (w.norm() * b.norm()).clamp_min(1e-12)
     angle = math.degrees(math.acos(float(cos.clamp(-1.0, 1.0))))
     distance = float((w - b).norm() / w.norm().clamp_min(1e-12))

@@ -22,7 +22,7 @@ from dtp.runtime import Runtime
 class FeedbackPhase(Protocol):
     def train(self, block_inputs: list[Tensor], step: int, batch_total: int) -> list[Tensor]:
         """Train G_1..G_N on their inputs h_0..h_{N-1} (this process's rows of a batch of `batch_total`);
-        return each block's mean L-DRL loss over the full batch."""
+        return each block's mean feedback loss (its algorithm's, VARIANTS) over the full batch."""
 
     def log(self, writer: SummaryWriter, step: int) -> None:
         """Write this phase's own per-step figures (timings) to TensorBoard."""

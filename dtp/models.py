@@ -183,13 +183,10 @@ class DTPNetwork(nn.Module):
 
     @torch.no_grad()
     def init_feedback_symmetric(self) -> None:
-        """Start every feedback weight at its forward weight's transpose (feedback.init_symmetric).
-
-        A ConvTranspose2d weight has its Conv2d twin's layout already; a Linear one is transposed.
-        """
+        """Start every feedback weight at its forward weight's transpose (feedback.init_symmetric)."""
         for forward, feedback in zip(self.forward_blocks, self.feedback_blocks):
-            for f, g in zip(parametric_layers(forward), reversed(parametric_layers(feedback))):
-                g.weight.copy_(f.weight.t() if isinstance(f, nn.Linear) else f.weight)
+            for w, b_t in weight_pairs(forward, feedback):
+                b_t.copy_(w)
 
     @property
     def n_feedback(self) -> int:
@@ -204,3 +201,14 @@ class DTPNetwork(nn.Module):
 
 def parametric_layers(block: nn.Module) -> list[nn.Module]:
     return [m for m in block.layers if isinstance(m, PARAMETRIC)]
+
+
+def weight_pairs(forward_block: nn.Module, feedback_block: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """(W, Bᵀ) for each parametric forward layer and its feedback twin, Bᵀ a view in W's layout.
+
+    A ConvTranspose2d weight already has its Conv2d twin's layout; a Linear feedback weight is transposed.
+    """
+    pairs = []
+    for f, g in zip(parametric_layers(forward_block), reversed(parametric_layers(feedback_block))):
+        pairs.append((f.weight, g.weight.t() if isinstance(g, nn.Linear) else g.weight))
+    return pairs
