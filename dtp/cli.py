@@ -18,8 +18,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", help="YAML config (default: configs/<dataset>_<algorithm>.yaml or configs/<dataset>.yaml)")
     p.add_argument("--dataset", choices=DATASETS)
-    p.add_argument("--data-dir", help="dataset folder (cifar10, imagenet32) or .npz file (npz)")
-    p.add_argument("--download", action="store_true", default=None, help="download CIFAR-10 into --data-dir")
+    p.add_argument("--data-dir", help="dataset folder (cifar10, imagenet32, mnist, fashion_mnist) or .npz file (npz)")
+    p.add_argument("--download", action="store_true", default=None,
+                   help="download CIFAR-10, MNIST or Fashion-MNIST into --data-dir")
     p.add_argument("--algorithm", choices=config_lib.ALGORITHMS)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)

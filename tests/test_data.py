@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import pickle
 import struct
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_ok, run_script
 
 from dtp import data
 from dtp.data import (
@@ -91,6 +93,29 @@ def _npz_arrays() -> dict[str, np.ndarray]:
         "x_test": rng.integers(0, 256, (2, 5, 4, 2), dtype=np.uint8),
         "y_test": np.array([3, 0], dtype=np.int32),
     }
+
+
+def _write_idx(path: Path, array: np.ndarray, magic: int | None = None) -> None:
+    """An idx file of uint8 `array`: big-endian magic word and dimensions, then the bytes; gzipped for .gz."""
+    magic = 0x0800 + array.ndim if magic is None else magic
+    payload = struct.pack(f">{1 + array.ndim}i", magic, *array.shape) + array.astype(np.uint8).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(payload) if path.suffix == ".gz" else payload)
+
+
+def _write_mnist(folder: Path, gz: bool, n_train: int = 12, n_test: int = 5) -> dict[str, np.ndarray]:
+    """The four idx files with random pixels and labels 0..9; returns what was written, by split."""
+    rng = np.random.default_rng(4)
+    written = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        x = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        y = rng.permutation(np.arange(n) % 10).astype(np.uint8)
+        image_stem, label_stem = data.IDX_SPLIT_FILES[split]
+        suffix = ".gz" if gz else ""
+        _write_idx(folder / f"{image_stem}{suffix}", x)
+        _write_idx(folder / f"{label_stem}{suffix}", y)
+        written[f"x_{split}"], written[f"y_{split}"] = x, y
+    return written
 
 
 def _tiny_loader(train: bool, n: int = 10, batch_size: int = 4, seed: int = 0) -> BatchLoader:
@@ -196,6 +221,113 @@ def test_pickle_with_wrong_data_shape(tmp_path: Path) -> None:
         load_dataset("imagenet32", str(tmp_path))
 
 
+# ----------------------------------------------------------------------------- MNIST and Fashion-MNIST
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize(("name", "nested"), [("mnist", "MNIST/raw"), ("fashion_mnist", "FashionMNIST/raw"),
+                                              ("mnist", "")])
+def test_mnist_reads_exact_pixels_and_labels(tmp_path: Path, name: str, nested: str, gz: bool) -> None:
+    written = _write_mnist(tmp_path / nested, gz)
+    splits = load_dataset(name, str(tmp_path))
+    assert splits.train_x.shape == (12, 1, 28, 28) and splits.test_x.shape == (5, 1, 28, 28)
+    assert splits.train_x.dtype == torch.uint8 and splits.train_x.is_contiguous()
+    assert splits.input_shape == (1, 28, 28) and splits.num_classes == 10
+    assert splits.mean.shape == (1,) and splits.std.shape == (1,)
+    for split in ("train", "test"):
+        x, y = getattr(splits, f"{split}_x"), getattr(splits, f"{split}_y")
+        np.testing.assert_array_equal(x[:, 0].numpy(), written[f"x_{split}"])
+        assert y.dtype == torch.int64 and y.tolist() == written[f"y_{split}"].tolist()
+
+
+def test_mnist_prefers_plain_files_and_the_torchvision_folder(tmp_path: Path) -> None:
+    """torchvision leaves each .gz beside its unpacked copy in raw/; the unpacked one is read (no gunzip)."""
+    raw = tmp_path / "MNIST" / "raw"
+    written = _write_mnist(raw, gz=False)
+    _write_mnist(raw, gz=True, n_train=10)  # a different .gz beside the plain files: the plain ones win
+    _write_mnist(tmp_path, gz=False, n_train=20)  # files directly in data-dir: the torchvision folder wins
+    splits = load_dataset("mnist", str(tmp_path))
+    np.testing.assert_array_equal(splits.train_x[:, 0].numpy(), written["x_train"])
+
+
+def test_mnist_missing_files_name_them_and_the_fix(tmp_path: Path) -> None:
+    _write_mnist(tmp_path / "FashionMNIST" / "raw", gz=True)  # the other dataset's files do not count
+    with pytest.raises(DataError) as err:
+        load_dataset("mnist", str(tmp_path))
+    message = str(err.value)
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        assert str(tmp_path / "MNIST" / "raw" / stem) + "[.gz]" in message
+    assert message.startswith("MNIST not found") and "--download" in message and "--data-dir" in message
+
+
+def test_mnist_download_uses_torchvision_then_own_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torchvision
+
+    calls = []
+
+    def fake_fashion_mnist(root: str, train: bool, download: bool) -> None:
+        calls.append((root, train, download))
+        _write_mnist(Path(root) / "FashionMNIST" / "raw", gz=True)
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", fake_fashion_mnist)
+    splits = load_dataset("fashion_mnist", str(tmp_path), download=True)
+    assert calls == [(str(tmp_path), True, True)]
+    assert len(splits.train_y) == 12 and len(splits.test_y) == 5
+
+
+def _truncate_test_images(folder: Path) -> None:
+    path = folder / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-1])
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda f: _write_idx(f / "train-labels-idx1-ubyte", np.zeros(12, np.uint8), magic=0x0803),
+         r"train-labels-idx1-ubyte: not an idx labels file \(magic number 0x00000803"),
+        (lambda f: _write_idx(f / "t10k-labels-idx1-ubyte", np.zeros(4, np.uint8)),
+         r"t10k-images-idx3-ubyte holds 5 images but .*t10k-labels-idx1-ubyte holds 4 labels"),
+        (_truncate_test_images, r"t10k-images-idx3-ubyte: the header promises dimensions \(5, 28, 28\)"),
+        (lambda f: _write_idx(f / "train-images-idx3-ubyte", np.zeros((12, 32, 32), np.uint8)),
+         "32x32, expected 28x28"),
+        (lambda f: (f / "train-images-idx3-ubyte").write_bytes(gzip.compress(b"x")), "rename it to .*ubyte.gz"),
+        (lambda f: _write_idx(f / "t10k-labels-idx1-ubyte", np.full(5, 10, np.uint8)), r"test split.*\[0, 10\)"),
+    ],
+)
+def test_mnist_bad_files_are_named_with_the_problem(tmp_path: Path, change, expected: str) -> None:
+    _write_mnist(tmp_path, gz=False)
+    change(tmp_path)
+    with pytest.raises(DataError, match=expected):
+        load_dataset("mnist", str(tmp_path))
+
+
+def test_mnist_unreadable_gzip_is_a_data_error(tmp_path: Path) -> None:
+    _write_mnist(tmp_path, gz=True)
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz: cannot read"):
+        load_dataset("mnist", str(tmp_path))
+
+
+def test_mnist_one_training_step_from_the_command_line(tmp_path: Path) -> None:
+    """The shipped configs/mnist.yaml, narrowed, runs one step on 28x28 grey images; missing files exit cleanly."""
+    _write_mnist(tmp_path / "data" / "MNIST" / "raw", gz=True, n_train=16, n_test=8)
+    out = tmp_path / "run"
+    small = ("--set", "batch_size=8", "--set", "eval_batch_size=8", "--set", "model.channels=[4,4,4,4]",
+             "--set", "feedback.iterations=[1,1,1,1]")
+    proc = run_script("train_sequential.py", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
+                      "--max-steps", "1", *small, "--out", str(out))
+    assert_ok(proc)
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 1 and ckpt["config"]["dataset"] == "mnist"
+    assert ckpt["config"]["feedback"]["lr"] == [1.0e-4, 3.5e-4, 8.0e-3, 0.18]  # from configs/mnist.yaml
+    assert ckpt["forward"]["0.layers.0.weight"].shape == (4, 1, 3, 3)  # one input channel
+    proc = run_script("train_sequential.py", "--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "data"),
+                      "--max-steps", "1", *small, "--out", str(tmp_path / "run2"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "error: Fashion-MNIST not found" in proc.stderr and "FashionMNIST" in proc.stderr
+
+
 # ----------------------------------------------------------------------------- npz
 
 
@@ -246,7 +378,7 @@ def test_npz_missing_or_unreadable_file(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- dispatch and statistics
 
 
-@pytest.mark.parametrize("name", ["cifar10", "imagenet32", "npz"])
+@pytest.mark.parametrize("name", ["cifar10", "imagenet32", "mnist", "fashion_mnist", "npz"])
 def test_data_dir_required(name: str) -> None:
     with pytest.raises(DataError, match="--data-dir is required"):
         load_dataset(name, None)
@@ -254,7 +386,7 @@ def test_data_dir_required(name: str) -> None:
 
 def test_unknown_dataset_lists_choices() -> None:
     with pytest.raises(DataError) as err:
-        load_dataset("mnist", None)
+        load_dataset("svhn", None)
     assert all(name in str(err.value) for name in DATASETS)
 
 
@@ -373,9 +505,12 @@ def test_normalisation_uses_mean_and_std() -> None:
     torch.testing.assert_close(images, expected)
 
 
-def test_augmentation_is_a_crop_of_the_edge_padded_image_possibly_flipped() -> None:
+@pytest.mark.parametrize("shape", [(3, 8, 7), (1, 28, 28)])  # odd sizes; MNIST's grey 28x28
+def test_augmentation_is_a_crop_of_the_edge_padded_image_possibly_flipped(shape: tuple[int, int, int]) -> None:
+    """Every dataset, MNIST's included, gets the edge-padded crop at its own size and the flip."""
+    c, h, w = shape
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(1, 256, (64, 3, 8, 7), dtype=torch.uint8, generator=gen)
+    x = torch.randint(1, 256, (64, c, h, w), dtype=torch.uint8, generator=gen)
     out = augment(x, torch.Generator().manual_seed(1))
     padded = torch.nn.functional.pad(x.float(), (4, 4, 4, 4), mode="replicate").to(torch.uint8)
     seen_flip, seen_plain, seen_shift = False, False, False
@@ -385,7 +520,7 @@ def test_augmentation_is_a_crop_of_the_edge_padded_image_possibly_flipped() -> N
             for top in range(9)
             for left in range(9)
             for flip in (False, True)
-            if torch.equal(out[i], (lambda c: c.flip(2) if flip else c)(padded[i, :, top : top + 8, left : left + 7]))
+            if torch.equal(out[i].flip(2) if flip else out[i], padded[i, :, top : top + h, left : left + w])
         ]
         assert matches, f"image {i} is not a crop of its padded original"
         top, left, flip = matches[0]
