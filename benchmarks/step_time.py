@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dtp.algorithm import noise_generator, weight_alignment  # noqa: E402
+from dtp.algorithm import noise_generator  # noqa: E402
+from dtp.diagnostics import weight_alignment  # noqa: E402
 from dtp.config import DEFAULTS, merge  # noqa: E402
 from dtp.models import DTPNetwork  # noqa: E402
 from dtp.feedback import make_feedback_optimizers, train_blocks  # noqa: E402

@@ -5,7 +5,6 @@ Each target-propagation algorithm is a feedback loss and a target rule (VARIANTS
 """
 from __future__ import annotations
 
-import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dtp.models import FeedbackBlock, ForwardBlock, Indices, weight_pairs
+from dtp.models import FeedbackBlock, ForwardBlock, Indices
 from dtp.seeding import seeded_generator
 
 Autocast = Callable[[], AbstractContextManager]
@@ -80,11 +79,36 @@ def feedback_loss(
 
     x may be some rows of a batch of `batch_total` rows (default: all of it): the loss is then this
     part's share of the full-batch mean, and the parts' gradients sum to the full-batch gradient.
+    y = F(x) and its pooling indices are known from the forward pass and are not recomputed.
 
-    y = F(x) and its pooling indices are known from the forward pass and are not recomputed. Only the
-    differences dr = G(F(x+dx)) − G(y) and dr_y = G(y+dy) − G(y) enter the loss, and G's parametric
-    tail is affine, so each is one weight pass on a difference of head activations: two passes per
-    iteration instead of three, and the same gradient.
+    Blocks whose G has an affine tail take the two-pass form, any other block (a ResNet stage, a
+    block with several parametric layers) the three-call form; both are the math of DESIGN.md §3.
+    """
+    loss_fn = general_feedback_loss if feedback_block.tail_start is None else affine_tail_feedback_loss
+    return loss_fn(forward_block, feedback_block, x, y, indices, dx, dy, batch_total)
+
+
+def _ldrl(dx: Tensor, dr: Tensor, dr_y: Tensor, rows: int) -> Tensor:
+    """−2·Σ(dx ⊙ dr) + Σ(dr_y²) per noise sample and row, summed, over K × `rows` (the full batch's rows)."""
+    loss = -2.0 * _sum_per_sample(dx * dr) + _sum_per_sample(dr_y.square())
+    return loss.sum() / (dx.shape[0] * rows)
+
+
+def affine_tail_feedback_loss(
+    forward_block: ForwardBlock,
+    feedback_block: FeedbackBlock,
+    x: Tensor,
+    y: Tensor,
+    indices: Indices,
+    dx: Tensor,
+    dy: Tensor,
+    batch_total: int | None = None,
+) -> Tensor:
+    """L-DRL for a G = affine tail ∘ parameter-free head, in two weight passes per iteration.
+
+    Only the differences dr = G(F(x+dx)) − G(y) and dr_y = G(y+dy) − G(y) enter the loss, and the tail
+    is affine, so each is one weight pass (without the bias, which cancels) on a difference of head
+    activations: two passes instead of three, the same loss and the same gradient.
     """
     k, b = dx.shape[0], x.shape[0]
     with torch.no_grad():
@@ -96,8 +120,36 @@ def feedback_loss(
         delta_y = feedback_block.head((y.unsqueeze(0) + dy).flatten(0, 1), idx_k) - a  # indices of F(x)
     dr = feedback_block.tail_difference(delta_x).unflatten(0, (k, b))
     dr_y = feedback_block.tail_difference(delta_y).unflatten(0, (k, b))
-    loss = -2.0 * _sum_per_sample(dx * dr) + _sum_per_sample(dr_y.square())
-    return loss.sum() / (k * (batch_total or b))
+    return _ldrl(dx, dr, dr_y, batch_total or b)
+
+
+def general_feedback_loss(
+    forward_block: ForwardBlock,
+    feedback_block: FeedbackBlock,
+    x: Tensor,
+    y: Tensor,
+    indices: Indices,
+    dx: Tensor,
+    dy: Tensor,
+    batch_total: int | None = None,
+) -> Tensor:
+    """L-DRL for any G, as DESIGN.md §3 writes it: r = G(y), dr = G(y_n) − r, dr_y = G(y + dy) − r.
+
+    The three calls are one G call on the stacked rows [y, y_n, y + dy] (rows do not interact without
+    batch statistics), so the gradient flows through all three, r included. r is computed once per
+    row and shared by the K noise samples.
+    """
+    k, b = dx.shape[0], x.shape[0]
+    with torch.no_grad():
+        y_noisy, idx_noisy = forward_block((x.unsqueeze(0) + dx).flatten(0, 1))
+    stacked = torch.cat([y, y_noisy, (y.unsqueeze(0) + dy).flatten(0, 1)])
+    # Unpooling uses the indices of F(x) for r and y + dy, those of F(x + dx) for y_n.
+    stacked_indices = [torch.cat([i, i_noisy, i.repeat(k, *([1] * (i.dim() - 1)))])
+                       for i, i_noisy in zip(indices, idx_noisy)]
+    r, g_noisy, g_dy = feedback_block(stacked, stacked_indices).split([b, k * b, k * b])
+    dr = g_noisy.unflatten(0, (k, b)) - r
+    dr_y = g_dy.unflatten(0, (k, b)) - r
+    return _ldrl(dx, dr, dr_y, batch_total or b)
 
 
 def reconstruction_loss(
@@ -138,6 +190,8 @@ VARIANTS = {
     "dtp": Variant(feedback_loss, difference_targets=True),  # L-DRL (this paper)
     "vanilla_dtp": Variant(reconstruction_loss, difference_targets=True),
     "tp": Variant(reconstruction_loss, difference_targets=False),
+    # One fused L-DRL step per batch (feedback.iterations all 1, several noise samples), Adam in its configs.
+    "parallel_dtp": Variant(feedback_loss, difference_targets=True),
 }
 
 
@@ -194,9 +248,12 @@ def forward_pass(forward_blocks: list[ForwardBlock], x: Tensor) -> tuple[list[Te
 
 
 def output_target(logits: Tensor, labels: Tensor, beta: float) -> Tensor:
-    """t_N = h_N − β ∂CE_sum/∂h_N; the gradient of the summed cross-entropy is softmax − one-hot."""
-    grad = torch.softmax(logits.float(), dim=1) - F.one_hot(labels, logits.shape[1]).float()
-    return (logits.float() - beta * grad).to(logits.dtype)
+    """t_N = h_N − β ∂CE_sum/∂h_N; the gradient of the summed cross-entropy is softmax − one-hot.
+
+    Computed in at least fp32 (bf16 logits are promoted, fp64 ones keep their precision)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    grad = torch.softmax(logits.to(dtype), dim=1) - F.one_hot(labels, logits.shape[1]).to(dtype)
+    return (logits.to(dtype) - beta * grad).to(logits.dtype)
 
 
 @torch.no_grad()
@@ -233,15 +290,3 @@ def forward_losses(outputs: list[Tensor], targets: list[Tensor], batch_total: in
     """
     n = batch_total or outputs[0].shape[0]
     return [0.5 * (h - t).flatten(1).square().sum() / n for h, t in zip(outputs, targets)]
-
-
-@torch.no_grad()
-def weight_alignment(forward_block: ForwardBlock, feedback_block: FeedbackBlock) -> tuple[float, float]:
-    """Angle (degrees) and relative distance ||W − Bᵀ|| / ||W|| between forward and feedback weights."""
-    pairs = weight_pairs(forward_block, feedback_block)
-    w = torch.cat([w.flatten() for w, _ in pairs])
-    b = torch.cat([b_t.flatten() for _, b_t in pairs])
-    cos = torch.dot(w, b) / (w.norm() * b.norm()).clamp_min(1e-12)
-    angle = math.degrees(math.acos(float(cos.clamp(-1.0, 1.0))))
-    distance = float((w - b).norm() / w.norm().clamp_min(1e-12))
-    return angle, distance

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from dtp.errors import ConfigError
+from dtp.optim import OPTIMIZERS
 
 DEFAULTS: dict[str, Any] = {
     "dataset": "cifar10",
@@ -25,20 +26,25 @@ DEFAULTS: dict[str, Any] = {
     "eval_batch_size": 500,
     "mixed_precision": "no",
     "model": {
-        "arch": "simple_vgg",
+        "arch": "simple_vgg",  # simple_vgg, lenet, resnet18 or resnet34 (dtp/models.py); none has batch norm
+        # simple_vgg, lenet: one conv-pool block per entry; resnet*: exactly 4 stage widths, the stem takes the first
         "channels": [128, 128, 256, 256, 512],
-        "activation": "elu",
+        "activation": "elu",  # every activation of the network, feedback included (the published ResNets: relu)
+        "hidden": 512,  # lenet only: units of its hidden linear layer
     },
     "feedback": {
         "iterations": [20, 30, 35, 55, 20],
         "noise": [0.4, 0.4, 0.2, 0.2, 0.08],
         "lr": [1e-4, 3.5e-4, 8e-3, 8e-3, 0.18],
+        "optimizer": "sgd",  # sgd or adam (parallel_dtp as published); momentum applies to sgd only
         "momentum": 0.9,
+        "weight_decay": 0.0,
         "samples": 1,
         "init_symmetric": False,  # start G's weights at the transposes of F's (its biases as initialised)
     },
     "forward": {
         "lr": 0.08,
+        "optimizer": "sgd",  # sgd or adam; momentum applies to sgd only
         "momentum": 0.9,
         "weight_decay": 1e-4,
         "beta": 0.7,
@@ -59,8 +65,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 PER_BLOCK_KEYS = ("iterations", "noise", "lr")
-ALGORITHMS = ("dtp", "vanilla_dtp", "tp", "bp")
-ARCHS = ("simple_vgg", "lenet")
+ALGORITHMS = ("dtp", "vanilla_dtp", "tp", "parallel_dtp", "bp")
+ARCHS = ("simple_vgg", "lenet", "resnet18", "resnet34")
 ACTIVATIONS = ("elu", "relu")
 MIXED_PRECISION = ("no", "bf16")
 SCHEDULERS = ("cosine", "step", "none")
@@ -151,6 +157,8 @@ def validate(cfg: dict[str, Any]) -> None:
     _check_choice(cfg, "model.activation", ACTIVATIONS)
     _check_choice(cfg, "mixed_precision", MIXED_PRECISION)
     _check_choice(cfg, "forward.scheduler", SCHEDULERS)
+    _check_choice(cfg, "forward.optimizer", OPTIMIZERS)
+    _check_choice(cfg, "feedback.optimizer", OPTIMIZERS)
     _check_positive(cfg["forward"]["step_size"], "forward.step_size", integer=True)
     patience = cfg["early_stopping"]["patience"]
     if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
@@ -168,12 +176,20 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ConfigError(f"model.channels must be a non-empty list of integers, got {channels!r}")
     for c in channels:
         _check_positive(c, "every entry of model.channels", integer=True)
+    _check_positive(cfg["model"]["hidden"], "model.hidden", integer=True)
     for key in PER_BLOCK_KEYS:
         values = cfg["feedback"][key]
         if not isinstance(values, list):
             raise ConfigError(f"feedback.{key} must be a list with one value per feedback block, got {values!r}")
         for v in values:
             _check_positive(v, f"every entry of feedback.{key}", integer=key == "iterations")
+    iterations = cfg["feedback"]["iterations"]
+    if cfg["algorithm"] == "parallel_dtp" and any(k != 1 for k in iterations):
+        raise ConfigError(
+            f"parallel_dtp takes one fused feedback step per batch, but feedback.iterations is {iterations}; set "
+            f"every entry to 1 (e.g. --set feedback.iterations={[1] * len(iterations)}) or use "
+            f"configs/<dataset>_parallel_dtp.yaml"
+        )
 
 
 def check_block_lists(cfg: dict[str, Any], n_blocks: int) -> None:

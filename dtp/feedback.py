@@ -16,6 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from dtp.algorithm import VARIANTS, AllReduce, BlockNoise, train_feedback_block
 from dtp.models import DTPNetwork
+from dtp.optim import make_optimizer
 from dtp.runtime import Runtime
 
 
@@ -42,25 +43,19 @@ class BlockShard:
     all_reduce: AllReduce | None
 
 
-def make_feedback_optimizers(network: DTPNetwork, cfg: dict[str, Any]) -> list[torch.optim.SGD]:
-    """One SGD per trainable feedback block (list index i−1 for G_i), momentum buffers created as zeros.
-
-    Zero buffers behave exactly like SGD's lazily created ones and make the state flat-serialisable
-    from the first step, which the parallel trainer relies on.
-    """
-    optimizers = []
-    for i in range(1, network.n_feedback + 1):
-        params = list(network.feedback_blocks[i].parameters())
-        opt = torch.optim.SGD(params, lr=cfg["feedback"]["lr"][i - 1], momentum=cfg["feedback"]["momentum"])
-        for p in params:
-            opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
-        optimizers.append(opt)
-    return optimizers
+def make_feedback_optimizers(network: DTPNetwork, cfg: dict[str, Any]) -> list[torch.optim.Optimizer]:
+    """One optimiser per trainable feedback block (list index i−1 for G_i), with its own lr (feedback.*)."""
+    fb = cfg["feedback"]
+    return [
+        make_optimizer(network.feedback_blocks[i].parameters(), fb["optimizer"], fb["lr"][i - 1], fb["momentum"],
+                       fb["weight_decay"])
+        for i in range(1, network.n_feedback + 1)
+    ]
 
 
 def train_blocks(
     network: DTPNetwork,
-    optimizers: list[torch.optim.SGD],
+    optimizers: list[torch.optim.Optimizer],
     cfg: dict[str, Any],
     blocks: list[int],
     block_inputs: list[Tensor],
@@ -101,7 +96,7 @@ class LocalFeedback:
     """Trains every feedback block in this process; `order` exists to show that order does not matter."""
 
     network: DTPNetwork
-    optimizers: list[torch.optim.SGD]
+    optimizers: list[torch.optim.Optimizer]
     cfg: dict[str, Any]
     runtime: Runtime
     order: list[int] | None = None

@@ -22,13 +22,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from dtp import config as config_lib
-from dtp.algorithm import VARIANTS, forward_losses, forward_pass, propagate_targets, weight_alignment
+from dtp.algorithm import VARIANTS, forward_losses, forward_pass, propagate_targets
 from dtp.checkpoint import save_checkpoint, save_summary
 from dtp.data import BatchLoader, DatasetSplits
+from dtp.diagnostics import BackpropComparison, angle_and_distance, compare_to_backprop, whole_tensor_angle
 from dtp.errors import TrainingError, UserError
 from dtp.feedback import FeedbackPhase
 from dtp.metrics import AverageMeter, topk_correct
-from dtp.models import DTPNetwork
+from dtp.models import DTPNetwork, weight_pairs
+from dtp.optim import make_optimizer
 from dtp.runtime import Runtime
 
 
@@ -102,7 +104,7 @@ def train_step(
     batch_total: int | None = None,
     replica: DataReplica = WholeBatch(),
 ) -> StepResult:
-    """One batch: feedback training, then targets and one forward SGD step (DTP and its variants), or plain BP.
+    """One batch: feedback training, then targets and one forward optimiser step (DTP and its variants), or plain BP.
 
     x may be one data-parallel copy's rows of a batch of `batch_total` rows: the copies' forward
     gradients are summed before the step, so every copy takes the full-batch step.
@@ -155,12 +157,12 @@ def evaluate_network(network: DTPNetwork, loader: BatchLoader, runtime: Runtime)
 
 def build_forward_optimizer(
     network: DTPNetwork, cfg: dict[str, Any]
-) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LRScheduler]:
-    """SGD on the forward weights and its per-epoch schedule (forward.scheduler); feedback lrs have none."""
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The forward weights' optimiser (forward.optimizer) and its per-epoch schedule (forward.scheduler);
+    feedback lrs have none."""
     fwd = cfg["forward"]
-    opt = torch.optim.SGD(
-        network.forward_blocks.parameters(), lr=fwd["lr"], momentum=fwd["momentum"], weight_decay=fwd["weight_decay"]
-    )
+    opt = make_optimizer(network.forward_blocks.parameters(), fwd["optimizer"], fwd["lr"], fwd["momentum"],
+                         fwd["weight_decay"])
     if fwd["scheduler"] == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=fwd["t_max"], eta_min=fwd["eta_min"])
     elif fwd["scheduler"] == "step":
@@ -244,12 +246,14 @@ class RunLog:
         self.cfg = cfg
         self.writer = SummaryWriter(log_dir=str(out_dir))
         self.writer.add_text("config", "```\n" + config_lib.to_yaml(cfg) + "\n```", step)
+        self.last_alignment: dict[str, Any] = {}  # the latest figures, for summary.json
+        self.last_bp_comparison: dict[str, Any] = {}
 
     def after_step(self, step: int, last: bool, result: StepResult, lr: float, images_per_s: float,
-                   feedback: FeedbackPhase | None, network: DTPNetwork) -> None:
-        """Scalars every log.every steps, alignment every log.angles_every steps, and both at the last step."""
-        w, log = self.writer, self.cfg["log"]
-        if step % log["every"] == 0 or last:
+                   feedback: FeedbackPhase | None) -> None:
+        """Scalars every log.every steps and at the last step."""
+        w = self.writer
+        if step % self.cfg["log"]["every"] == 0 or last:
             w.add_scalar("train/loss", float(result.ce_loss), step)
             w.add_scalar("train/top1", float(result.top1), step)
             w.add_scalar("train/forward_lr", lr, step)
@@ -260,11 +264,33 @@ class RunLog:
                 w.add_scalar(f"feedback_loss/block{i}", float(l), step)
             if feedback is not None:
                 feedback.log(w, step)
-        if self.cfg["algorithm"] != "bp" and (step % log["angles_every"] == 0 or last):
-            for i in range(1, network.n_feedback + 1):
-                angle, distance = weight_alignment(network.forward_blocks[i], network.feedback_blocks[i])
-                w.add_scalar(f"alignment/angle_block{i}", angle, step)
-                w.add_scalar(f"alignment/distance_block{i}", distance, step)
+
+    def alignment_due(self, step: int, last: bool) -> bool:
+        """DTP and its variants compare themselves with backprop every log.angles_every steps and at the end."""
+        return self.cfg["algorithm"] != "bp" and (step % self.cfg["log"]["angles_every"] == 0 or last)
+
+    def alignment(self, step: int, network: DTPNetwork, comparison: BackpropComparison) -> None:
+        """Per block: W against Bᵀ (per-filter angle, distance, whole-tensor angle) and the DTP update
+        against the BP gradient; per parameter, the latter as the published callback logs it."""
+        w, figures = self.writer, {}
+        for i in range(1, network.n_feedback + 1):
+            pairs = weight_pairs(network.forward_blocks[i], network.feedback_blocks[i])
+            angle, distance = angle_and_distance(pairs)
+            whole = whole_tensor_angle(pairs)
+            w.add_scalar(f"alignment/angle_block{i}", angle, step)
+            w.add_scalar(f"alignment/distance_block{i}", distance, step)
+            w.add_scalar(f"alignment/whole_tensor_angle_block{i}", whole, step)
+            figures[f"block{i}"] = {"angle": angle, "distance": distance, "whole_tensor_angle": whole}
+        self.last_alignment = {"step": step, **figures}
+        for i, (angle, distance) in enumerate(comparison.blocks):
+            w.add_scalar(f"bp_comparison/angle_block{i}", angle, step)
+            w.add_scalar(f"bp_comparison/distance_block{i}", distance, step)
+        for name, (angle, distance) in comparison.parameters.items():
+            w.add_scalar(f"bp_comparison/angle/{name}", angle, step)
+            w.add_scalar(f"bp_comparison/distance/{name}", distance, step)
+        self.last_bp_comparison = {"step": step, **{
+            f"block{i}": {"angle": angle, "distance": distance} for i, (angle, distance) in enumerate(comparison.blocks)
+        }}
 
     def evaluation(self, step: int, metrics: dict[str, float], prefix: str) -> None:
         for key, value in metrics.items():
@@ -284,7 +310,7 @@ class RunLog:
 class Trainer:
     """Trains one network with one feedback phase; only the main data-parallel copy evaluates and writes."""
 
-    def __init__(self, cfg: dict[str, Any], network: DTPNetwork, feedback_optimizers: list[torch.optim.SGD],
+    def __init__(self, cfg: dict[str, Any], network: DTPNetwork, feedback_optimizers: list[torch.optim.Optimizer],
                  feedback: FeedbackPhase | None, runtime: Runtime, replica: DataReplica = WholeBatch()) -> None:
         self.cfg, self.network, self.runtime, self.replica = cfg, network, runtime, replica
         self.feedback, self.feedback_optimizers = feedback, feedback_optimizers
@@ -392,9 +418,11 @@ class Trainer:
             bar.set_postfix(loss=f"{ce_meter.avg:.3f}", top1=f"{top1_meter.avg:.3f}", img_s=f"{batch_total / dt:.0f}")
             bar.update()
             if self.log is not None:
-                self.log.after_step(self.step, self.step == total_steps, result,
-                                    self.forward_opt.param_groups[0]["lr"], batch_total / dt, self.feedback,
-                                    self.network)
+                last = self.step == total_steps
+                self.log.after_step(self.step, last, result, self.forward_opt.param_groups[0]["lr"],
+                                    batch_total / dt, self.feedback)
+                if self.log.alignment_due(self.step, last):
+                    self.log.alignment(self.step, self.network, self.compare_to_backprop(x, y))
             if stopping:
                 break
         bar.close()
@@ -409,6 +437,12 @@ class Trainer:
         stopping = _full_batch_figures(result, y, batch_total, self.stop.received is not None, self.replica)
         _check_finite(result, self.step, self.cfg)
         return result, stopping
+
+    def compare_to_backprop(self, x: Tensor, y: Tensor) -> BackpropComparison:
+        """dtp.diagnostics.compare_to_backprop on this copy's rows of the batch just trained on."""
+        rows = self.replica.rows(y.numel())
+        x, y = x[rows].to(self.runtime.device), y[rows].to(self.runtime.device)
+        return compare_to_backprop(self.network, x, y, VARIANTS[self.cfg["algorithm"]].difference_targets)
 
     def end_epoch(self, loader: BatchLoader, out_dir: Path | None, prefix: str) -> tuple[dict[str, float], bool]:
         """Step the lr schedule; the main copy evaluates and checkpoints; every copy learns whether to stop early."""
@@ -462,9 +496,12 @@ class Trainer:
             "stopped_early": self.stopped_early,
             "best_val_top1": max(self.early_stopping.best, metrics["top1"]),
         }
+        assert self.log is not None
+        if self.log.last_alignment:
+            summary["alignment"] = self.log.last_alignment
+            summary["bp_comparison"] = self.log.last_bp_comparison
         if self.feedback is not None:
             summary.update(self.feedback.summary())
-        assert self.log is not None
         self.log.close(metrics)
         save_summary(out_dir, summary)
         return summary

@@ -15,6 +15,10 @@ from dtp.data import make_shapes
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
+# In-process tests compute on one thread, as the scripts the tests start do: tiny convolutions run no
+# faster on more, and a loaded machine makes them far slower.
+torch.set_num_threads(1)
+
 
 def script_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
@@ -72,8 +76,13 @@ def max_relative_difference(a: dict, b: dict, key: str) -> float:
     return worst
 
 
-def momentum_buffers(ckpt: dict) -> list[torch.Tensor]:
-    return [s["momentum_buffer"] for opt in ckpt["feedback_optimizers"] for s in opt["state"].values()]
+def optimizer_state(optimizer_state_dict: dict) -> list[torch.Tensor]:
+    """Every state tensor of one optimizer's state dict (SGD's momentum, Adam's moments and step), in order."""
+    return [t for s in optimizer_state_dict["state"].values() for _, t in sorted(s.items())]
+
+
+def feedback_optimizer_state(ckpt: dict) -> list[torch.Tensor]:
+    return [t for opt in ckpt["feedback_optimizers"] for t in optimizer_state(opt)]
 
 
 @pytest.fixture(scope="session")

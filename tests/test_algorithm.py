@@ -8,16 +8,18 @@ from torch import nn
 
 from dtp.algorithm import (
     BlockNoise,
+    affine_tail_feedback_loss,
     feedback_loss,
     forward_losses,
     forward_pass,
+    general_feedback_loss,
     output_target,
     propagate_targets,
     reconstruction_loss,
     train_feedback_block,
-    weight_alignment,
 )
 from dtp.config import DEFAULTS, merge
+from dtp.diagnostics import weight_alignment
 from dtp.models import DTPNetwork, ForwardBlock, invert_block
 from dtp.feedback import LocalFeedback, make_feedback_optimizers
 from dtp.runtime import Runtime
@@ -291,3 +293,152 @@ def test_ldrl_aligns_a_linear_blocks_feedback_weights_with_the_transposed_forwar
     assert start > 80.0
     assert angle < 15.0
     assert distance < 0.25  # ||W − Vᵀ|| / ||W||: 0.22 measured, against 7.3 at the start
+
+
+# ----------------------------------------------------------------------------- every block type, float64
+
+ARCH_CFGS = {
+    "simple_vgg": ({"arch": "simple_vgg", "channels": [3, 4], "activation": "elu"}, (2, 8, 8)),
+    # pool 3/2 with padding 1: 9 → 5 → 3, odd sizes both ways
+    "lenet": ({"arch": "lenet", "channels": [3, 4], "activation": "elu", "hidden": 6}, (2, 9, 9)),
+    # stage 1 keeps the stem's width (no shortcut conv), stages 2–4 halve the map (1x1 shortcut conv)
+    "resnet18": ({"arch": "resnet18", "channels": [2, 3, 3, 3], "activation": "relu"}, (2, 8, 8)),
+}
+
+
+def float64_block(arch, i, seed=0):
+    """Block i of a tiny network of `arch` in float64, with an input batch of 4 and K = 2 noise samples."""
+    cfg, in_shape = ARCH_CFGS[arch]
+    net = DTPNetwork(cfg, in_shape, 10, seed).double()
+    gen = torch.Generator().manual_seed(seed + 10)
+    x = torch.randn((4, *in_shape), generator=gen, dtype=torch.float64)
+    for block in net.forward_blocks[:i]:
+        x, _ = block(x)
+    x = x.detach()
+    with torch.no_grad():
+        y, idx = net.forward_blocks[i](x)
+    dx = 0.3 * torch.randn((2, *x.shape), generator=gen, dtype=torch.float64)
+    dy = 0.3 * torch.randn((2, *y.shape), generator=gen, dtype=torch.float64)
+    return net.forward_blocks[i], net.feedback_blocks[i], x, y, idx, dx, dy
+
+
+def design_formula(f, g, x, dx, dy):
+    """DESIGN.md §3 written out: per noise sample, r = G(y) with F(x)'s indices, dr = G(F(x + dx)) − r with
+    F(x + dx)'s indices, dr_y = G(y + dy) − r with F(x)'s indices; L = mean over K and batch."""
+    total = 0.0
+    for k in range(dx.shape[0]):
+        y, idx = f(x)
+        r = g(y, idx)
+        with torch.no_grad():
+            y_noisy, idx_noisy = f(x + dx[k])
+        dr = g(y_noisy, idx_noisy) - r
+        dr_y = g(y + dy[k], idx) - r
+        total = total + (-2 * (dx[k] * dr).flatten(1).sum(1) + dr_y.square().flatten(1).sum(1)).mean()
+    return total / dx.shape[0]
+
+
+def grads_or_zeros(loss, params):
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+# (arch, block, whether G has an affine tail, so feedback_loss takes the two-pass form)
+BLOCK_TYPES = {
+    "simple_vgg conv block": ("simple_vgg", 1, True),
+    "simple_vgg linear block": ("simple_vgg", 2, True),
+    "lenet pool-3/2 conv block": ("lenet", 1, True),
+    "lenet hidden linear block": ("lenet", 2, True),
+    "lenet output block": ("lenet", 3, True),
+    "resnet stem (G_0)": ("resnet18", 0, True),
+    "resnet stage without shortcut conv": ("resnet18", 1, False),
+    "resnet stage with shortcut conv": ("resnet18", 2, False),
+    "resnet classifier (avgpool, linear)": ("resnet18", 5, True),
+}
+
+
+@pytest.mark.parametrize("block_type", BLOCK_TYPES)
+def test_feedback_loss_of_every_block_type_is_the_design_formula(block_type):
+    arch, i, affine = BLOCK_TYPES[block_type]
+    f, g, x, y, idx, dx, dy = float64_block(arch, i)
+    assert (g.tail_start is not None) == affine
+    params = list(g.parameters())
+    loss = feedback_loss(f, g, x, y, idx, dx, dy)
+    expected = design_formula(f, g, x, dx, dy)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    got = grads_or_zeros(loss, params)
+    for a, b in zip(got, grads_or_zeros(expected, params)):
+        # A bias before nothing but linear layers cancels in dr and dr_y: its exact gradient is zero.
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert all(float(a.abs().max()) > 0 for a, p in zip(got, params) if p.dim() > 1)
+
+
+def test_a_block_with_two_linear_layers_takes_the_general_form():
+    """flatten → linear → act → linear (the classifier of a LeNet with its hidden layer folded in):
+    two parametric layers with a nonlinearity between them, so no two-pass shortcut exists."""
+    torch.manual_seed(0)
+    f = ForwardBlock([nn.Flatten(), nn.Linear(12, 6), nn.ELU(), nn.Linear(6, 10)])
+    g = invert_block(f, torch.Size((3, 2, 2))).double()
+    f = f.double()
+    assert g.tail_start is None
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    with torch.no_grad():
+        y, idx = f(x)
+    dx, dy = 0.3 * torch.randn(2, *x.shape, dtype=torch.float64), 0.3 * torch.randn(2, *y.shape, dtype=torch.float64)
+    params = list(g.parameters())
+    loss = feedback_loss(f, g, x, y, idx, dx, dy)
+    expected = design_formula(f, g, x, dx, dy)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads_or_zeros(loss, params), grads_or_zeros(expected, params)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("block_type",
+                         ["simple_vgg conv block", "lenet pool-3/2 conv block", "lenet hidden linear block"])
+def test_two_pass_and_general_forms_agree_where_both_apply(block_type):
+    arch, i, _ = BLOCK_TYPES[block_type]
+    f, g, x, y, idx, dx, dy = float64_block(arch, i)
+    params = list(g.parameters())
+    fast = affine_tail_feedback_loss(f, g, x, y, idx, dx, dy)
+    general = general_feedback_loss(f, g, x, y, idx, dx, dy)
+    torch.testing.assert_close(fast, general, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads_or_zeros(fast, params), grads_or_zeros(general, params)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("block_type", ["lenet pool-3/2 conv block", "resnet stage with shortcut conv",
+                                        "resnet classifier (avgpool, linear)"])
+def test_reconstruction_loss_of_every_block_type_is_its_formula(block_type):
+    arch, i, _ = BLOCK_TYPES[block_type]
+    f, g, x, y, idx, dx, dy = float64_block(arch, i)
+    params = list(g.parameters())
+    loss = reconstruction_loss(f, g, x, y, idx, dx, dy)
+    expected = 0.0
+    for k in range(dx.shape[0]):
+        with torch.no_grad():
+            y_noisy, idx_noisy = f(x + dx[k])
+        expected = expected + (x + dx[k] - g(y_noisy, idx_noisy)).square().flatten(1).sum(1).mean() / dx.shape[0]
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads_or_zeros(loss, params), grads_or_zeros(expected, params)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_parts_of_a_batch_sum_to_the_full_batch_gradient_in_the_general_form():
+    """What splitting a ResNet stage across ranks rests on."""
+    cfg, in_shape = ARCH_CFGS["resnet18"]
+    net = DTPNetwork(cfg, in_shape, 10, seed=0).double()
+    f, g = net.forward_blocks[2], net.feedback_blocks[2]
+    x = torch.randn(16, 2, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        y, idx = f(x)
+    dx, dy = 0.2 * torch.randn(1, *x.shape, dtype=torch.float64), 0.2 * torch.randn(1, *y.shape, dtype=torch.float64)
+    params = list(g.parameters())
+
+    def loss_and_grads(rows, total):
+        loss = general_feedback_loss(f, g, x[rows], y[rows], [], dx[:, rows], dy[:, rows], total)
+        return loss, torch.autograd.grad(loss, params)
+
+    full_loss, full_grads = loss_and_grads(slice(0, 16), None)
+    parts = [loss_and_grads(rows, 16) for rows in (slice(0, 8), slice(8, 16))]
+    torch.testing.assert_close(parts[0][0] + parts[1][0], full_loss, rtol=1e-12, atol=1e-14)
+    for a, b, full in zip(parts[0][1], parts[1][1], full_grads):
+        torch.testing.assert_close(a + b, full, rtol=1e-10, atol=1e-14)

@@ -3,8 +3,10 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import ROOT, assert_ok, load, run_script
+from dtp.config import DEFAULTS, merge, validate
 from dtp.errors import ConfigError
-from dtp.models import DTPNetwork
+from dtp.models import BasicBlock, DTPNetwork, InvertedBasicBlock
 
 
 @pytest.mark.parametrize(
@@ -13,8 +15,12 @@ from dtp.models import DTPNetwork
         ({"arch": "simple_vgg", "channels": [128, 128, 256, 256, 512], "activation": "elu"}, (3, 32, 32), 6),
         ({"arch": "simple_vgg", "channels": [4, 8], "activation": "relu"}, (1, 28, 28), 3),
         ({"arch": "simple_vgg", "channels": [4, 8, 8], "activation": "elu"}, (3, 30, 30), 4),
-        ({"arch": "lenet", "channels": [6, 16, 32], "activation": "elu"}, (3, 32, 32), 4),
-        ({"arch": "lenet", "channels": [6, 16, 32], "activation": "relu"}, (1, 28, 28), 4),
+        ({"arch": "lenet", "channels": [6, 16], "activation": "elu", "hidden": 32}, (3, 32, 32), 4),
+        ({"arch": "lenet", "channels": [6, 16], "activation": "relu", "hidden": 32}, (1, 28, 28), 4),
+        ({"arch": "lenet", "channels": [4, 4, 4], "activation": "elu", "hidden": 8}, (3, 15, 15), 5),
+        ({"arch": "resnet18", "channels": [4, 8, 8, 8], "activation": "relu"}, (3, 32, 32), 6),
+        ({"arch": "resnet34", "channels": [4, 8, 8, 8], "activation": "relu"}, (1, 28, 28), 6),
+        ({"arch": "resnet18", "channels": [2, 2, 4, 4], "activation": "elu"}, (3, 9, 11), 6),
     ],
 )
 def test_feedback_blocks_map_outputs_back_to_input_shapes(cfg, in_shape, n_blocks):
@@ -61,3 +67,125 @@ def test_feedback_weights_are_not_transposed_forward_weights():
 def test_network_that_does_not_fit_the_input_is_a_clear_error():
     with pytest.raises(ConfigError, match="does not fit 32x32 inputs.*at most 5"):
         DTPNetwork({"arch": "simple_vgg", "channels": [8] * 6, "activation": "elu"}, (3, 32, 32), 10, seed=0)
+
+
+def test_lenet_layout_matches_the_published_one():
+    """ernoult/scalingDTP target_prop/networks/lenet.py: conv5x5 (padding 2) → act → maxpool 3/2 (padding 1) per
+    channel entry, then flatten → linear(512) → act, then linear(n_classes); 64·8·8 = 4096 inputs on 32x32."""
+    net = DTPNetwork({"arch": "lenet", "channels": [32, 64], "activation": "elu", "hidden": 512}, (3, 32, 32), 10,
+                     seed=0)
+    conv, act, pool = net.forward_blocks[0].layers
+    assert conv.kernel_size == (5, 5) and conv.padding == (2, 2) and isinstance(act, nn.ELU)
+    assert (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1)
+    assert [tuple(s) for s in net.block_output_shapes] == [(32, 16, 16), (64, 8, 8), (512,), (10,)]
+    hidden = net.forward_blocks[2].layers
+    assert [type(m) for m in hidden] == [nn.Flatten, nn.Linear, nn.ELU] and hidden[1].in_features == 4096
+    assert net.n_feedback == 3
+    assert [type(m) for m in net.feedback_blocks[1].layers] == [nn.MaxUnpool2d, nn.ELU, nn.ConvTranspose2d]
+    assert [type(m) for m in net.feedback_blocks[2].layers] == [nn.ELU, nn.Linear, nn.Unflatten]
+
+
+def test_overlapping_unpool_puts_every_maximum_back_where_it_came_from_on_odd_sizes():
+    net = DTPNetwork({"arch": "lenet", "channels": [3], "activation": "elu", "hidden": 4}, (2, 15, 15), 10, seed=0)
+    conv, act, _ = net.forward_blocks[0].layers
+    x = torch.randn(2, 2, 15, 15)
+    before_pool = act(conv(x))
+    y, idx = net.forward_blocks[0](x)
+    assert y.shape[-2:] == (8, 8)
+    unpool = net.feedback_blocks[0].layers[0]
+    back = unpool(y, idx[0], output_size=net.feedback_blocks[0].output_sizes[0])
+    assert back.shape == before_pool.shape
+    placed = back != 0
+    assert torch.equal(back[placed], before_pool[placed]) and int(placed.sum()) > 0
+
+
+@pytest.mark.parametrize("arch, stage_blocks", [("resnet18", [2, 2, 2, 2]), ("resnet34", [3, 4, 6, 3])])
+def test_resnet_layout_matches_the_published_one(arch, stage_blocks):
+    """ernoult/scalingDTP target_prop/networks/resnet.py (CIFAR ResNet, batch norm off): 3x3 stem, four stages
+    of basic blocks with widths 64..512 and strides 1, 2, 2, 2, 1x1 shortcut convs where the shape changes,
+    convolutions without bias, average pool and a linear classifier; inverted block by block."""
+    net = DTPNetwork({"arch": arch, "channels": [64, 128, 256, 512], "activation": "relu"}, (3, 32, 32), 10, seed=0)
+    assert [tuple(s) for s in net.block_output_shapes] == [
+        (64, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (10,)]
+    assert net.n_feedback == 5
+    stem_conv, stem_act = net.forward_blocks[0].layers
+    assert stem_conv.kernel_size == (3, 3) and stem_conv.bias is None and isinstance(stem_act, nn.ReLU)
+    for stage, count, stride in zip(net.forward_blocks[1:5], stage_blocks, (1, 2, 2, 2)):
+        assert [type(b) for b in stage.layers] == [BasicBlock] * count
+        assert [b.conv1.stride for b in stage.layers] == [(stride, stride)] + [(1, 1)] * (count - 1)
+        assert all(b.conv1.bias is None and b.conv2.bias is None for b in stage.layers)
+        shortcuts = [b.shortcut for b in stage.layers]
+        assert shortcuts[1:] == [None] * (count - 1)
+        assert (shortcuts[0] is None) == (stride == 1)
+        if shortcuts[0] is not None:
+            assert shortcuts[0].kernel_size == (1, 1) and shortcuts[0].stride == (2, 2) and shortcuts[0].bias is None
+    assert [type(m) for m in net.forward_blocks[5].layers] == [nn.AdaptiveAvgPool2d, nn.Flatten, nn.Linear]
+    for stage, feedback in zip(net.forward_blocks[1:5], net.feedback_blocks[1:5]):
+        assert [type(g) for g in feedback.layers] == [InvertedBasicBlock] * len(stage.layers)
+        first = feedback.layers[-1]  # inverts the stage's first block
+        assert first.conv1.stride == stage.layers[0].conv1.stride and first.conv1.bias is None
+    assert [type(m) for m in net.feedback_blocks[5].layers] == [nn.Linear, nn.Unflatten, nn.AdaptiveAvgPool2d]
+
+
+def test_basic_block_and_its_inverse_compute_the_published_formulas():
+    net = DTPNetwork({"arch": "resnet18", "channels": [2, 3, 3, 3], "activation": "relu"}, (2, 8, 8), 10, seed=0)
+    f, g = net.forward_blocks[2].layers[0], net.feedback_blocks[2].layers[-1]
+    x = torch.randn(3, 2, 8, 8)
+    torch.testing.assert_close(f(x), torch.relu(f.conv2(torch.relu(f.conv1(x))) + f.shortcut(x)))
+    y = torch.randn(3, 3, 4, 4)
+    r = torch.relu(y)
+    torch.testing.assert_close(g(y), g.conv1(torch.relu(g.conv2(r))) + g.shortcut(r))
+    assert g(y).shape == x.shape
+
+
+@pytest.mark.parametrize("cfg, in_shape", [
+    ({"arch": "resnet18", "channels": [2, 3, 3, 4], "activation": "relu"}, (3, 8, 8)),
+    ({"arch": "lenet", "channels": [3, 4], "activation": "elu", "hidden": 6}, (3, 9, 9)),
+])
+def test_init_symmetric_sets_every_feedback_weight_to_its_forward_twins_transpose(cfg, in_shape):
+    """Layer j of a block pairs with layer L−1−j of its feedback block; inside a residual block by name."""
+    net = DTPNetwork(cfg, in_shape, 10, seed=0)
+    net.init_feedback_symmetric()
+    for f, g in zip(net.forward_blocks, net.feedback_blocks):
+        forward = {n: p for n, p in f.named_parameters() if p.dim() > 1}
+        feedback = {n: p for n, p in g.named_parameters() if p.dim() > 1}
+        assert len(forward) == len(feedback)  # every feedback weight has a forward twin
+        for name, w in forward.items():
+            _, j, rest = name.split(".", 2)
+            twin = feedback[f"layers.{len(f.layers) - 1 - int(j)}.{rest}"]
+            assert torch.equal(twin, w.t() if w.dim() == 2 else w), name
+
+
+@pytest.mark.parametrize("cfg, in_shape, message", [
+    ({"arch": "resnet18", "channels": [4, 8, 8], "activation": "relu"}, (3, 32, 32), "exactly 4 model.channels"),
+    ({"arch": "resnet34", "channels": [4, 8, 8, 8], "activation": "relu"}, (3, 6, 6), "at least 8x8, not 6x6"),
+    ({"arch": "lenet", "channels": [4] * 6, "activation": "elu", "hidden": 8}, (1, 28, 28), "at most 5"),
+])
+def test_a_network_that_does_not_fit_its_config_or_input_is_a_clear_error(cfg, in_shape, message):
+    with pytest.raises(ConfigError, match=message):
+        DTPNetwork(cfg, in_shape, 10, seed=0)
+
+
+def test_model_hidden_must_be_a_positive_integer():
+    with pytest.raises(ConfigError, match="model.hidden must be a positive integer"):
+        validate(merge(DEFAULTS, {"model": {"hidden": 0}}))
+
+
+# Tiny widths and one feedback iteration per block: seconds per architecture.
+TINY = {
+    "lenet": ["--set", "model.channels=[4,4]", "--set", "model.hidden=8", "--set", "feedback.iterations=[1,1,1]"],
+    "resnet18": ["--set", "model.channels=[4,4,8,8]", "--set", "feedback.iterations=[1,1,1,1,1]"],
+    "resnet34": ["--set", "model.channels=[4,4,8,8]", "--set", "feedback.iterations=[1,1,1,1,1]"],
+}
+
+
+@pytest.mark.parametrize("arch", TINY)
+def test_each_architecture_trains_two_dtp_steps_from_its_shipped_config(tmp_path, tiny_npz, arch):
+    out = tmp_path / "run"
+    proc = run_script("train_sequential.py", "--config", str(ROOT / "configs" / f"cifar10_{arch}_dtp.yaml"),
+                      "--dataset", "npz", "--data-dir", str(tiny_npz), "--batch-size", "16", "--max-steps", "2",
+                      *TINY[arch], "--out", str(out))
+    assert_ok(proc)
+    ckpt = load(out)
+    assert ckpt["step"] == 2 and ckpt["config"]["model"]["arch"] == arch
+    assert all(torch.isfinite(t).all() for key in ("forward", "feedback") for t in ckpt[key].values())

@@ -5,7 +5,10 @@ import random
 import pytest
 import torch
 
+from conftest import SMOKE
+from dtp import config as config_lib
 from dtp.errors import UserError
+from dtp.feedback import make_feedback_optimizers
 from dtp.models import DTPNetwork
 from dtp.parallel.layout import Layout
 from dtp.parallel.planning import check_layout, plan_feedback, speedup_bound, split_rows
@@ -117,12 +120,13 @@ def smoke_network():
 
 def test_the_exchange_ships_each_worker_its_rows_and_brings_back_each_block_once():
     network = smoke_network()
+    optimizers = make_feedback_optimizers(network, config_lib.resolve(str(SMOKE), {}, []))
     layouts, plan = two_replicas_of_three()
     layout = layouts[0]
     first, later = Header(CMD_STEP, 0, 32, with_state=True), Header(CMD_STEP, 1, 32)
     returned = []
     for worker in layout.workers():
-        exchange = step_exchange(network, layout, worker, first)
+        exchange = step_exchange(network, optimizers, layout, worker, first)
         blocks = plan.blocks_of(worker)
         assert [m.block for m in exchange.to_worker if m.kind == "state"] == blocks
         for m in exchange.to_worker:
@@ -131,7 +135,7 @@ def test_the_exchange_ships_each_worker_its_rows_and_brings_back_each_block_once
                 assert m.shape == (rows.stop - rows.start, *network.block_input_shapes[m.block])
         assert exchange.to_leader[-1].kind == "timing"
         returned += [m.block for m in exchange.to_leader if m.kind == "state"]
-        assert [m for m in step_exchange(network, layout, worker, later).to_worker if m.kind == "state"] == []
+        assert [m for m in step_exchange(network, optimizers, layout, worker, later).to_worker if m.kind == "state"] == []
     owned_by_workers = [i for i in range(1, 6) if plan.primary(i) != 0]
     assert sorted(returned) == owned_by_workers
 

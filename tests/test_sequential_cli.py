@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import (
-    ROOT, SMOKE, assert_ok, event_tags, load, momentum_buffers, run_script, scalar_values, script_env,
+    ROOT, SMOKE, assert_ok, event_tags, feedback_optimizer_state, load, optimizer_state, run_script, scalar_values,
+    script_env,
 )
 
 
@@ -29,8 +30,15 @@ def test_smoke_run_writes_checkpoint_summary_and_tensorboard(tmp_path):
     tags = event_tags(out)
     for tag in ("train/loss", "train/top1", "train/forward_lr", "train/images_per_s", "val/top1", "val/top5",
                 "val/loss", "feedback_loss/block1", "forward_loss/block0", "alignment/angle_block1",
-                "alignment/distance_block5", "config/text_summary", "hparam/val_top1"):
+                "alignment/distance_block5", "alignment/whole_tensor_angle_block1", "bp_comparison/angle_block0",
+                "bp_comparison/distance_block5", "bp_comparison/angle/block0.layers.0.weight",
+                "bp_comparison/distance/block5.layers.1.bias", "config/text_summary", "hparam/val_top1"):
         assert tag in tags, tag
+    # The last comparison with backprop (step 3, the end): the output block's update is BP's gradient.
+    assert summary["bp_comparison"]["step"] == 3 and summary["alignment"]["step"] == 3
+    assert summary["bp_comparison"]["block5"]["angle"] < 1e-2
+    assert 0.0 < summary["bp_comparison"]["block0"]["angle"] < 180.0
+    assert set(summary["alignment"]) == {"step", *[f"block{i}" for i in range(1, 6)]}
 
 
 def assert_same_run(a, b):
@@ -38,17 +46,20 @@ def assert_same_run(a, b):
     for key in ("forward", "feedback"):
         for name in a[key]:
             assert torch.equal(a[key][name], b[key][name]), f"{key}.{name}"
-    for x, y in zip(momentum_buffers(a), momentum_buffers(b)):
+    for x, y in zip(feedback_optimizer_state(a), feedback_optimizer_state(b), strict=True):
         assert torch.equal(x, y)
-    fa, fb = a["forward_optimizer"]["state"], b["forward_optimizer"]["state"]
-    for k in fa:
-        assert torch.equal(fa[k]["momentum_buffer"], fb[k]["momentum_buffer"])
+    for x, y in zip(optimizer_state(a["forward_optimizer"]), optimizer_state(b["forward_optimizer"]), strict=True):
+        assert torch.equal(x, y)
     assert a["scheduler"] == b["scheduler"]
 
 
-@pytest.mark.parametrize("algorithm", ["dtp", "bp"])
-def test_resume_equals_uninterrupted(tmp_path, tiny_npz, algorithm):
-    common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--algorithm", algorithm]
+PARALLEL_DTP = ["--set", "feedback.iterations=[1,1,1,1,1]", "--set", "feedback.samples=3", "--set",
+                "feedback.optimizer=adam", "--set", "forward.optimizer=adam", "--set", "forward.lr=0.001"]
+
+
+@pytest.mark.parametrize("algorithm,flags", [("dtp", []), ("bp", []), ("parallel_dtp", PARALLEL_DTP)])
+def test_resume_equals_uninterrupted(tmp_path, tiny_npz, algorithm, flags):
+    common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--algorithm", algorithm, *flags]
     straight, split, mid = tmp_path / "straight", tmp_path / "split", tmp_path / "mid"
     assert_ok(run_script("train_sequential.py", *common, "--epochs", "2", "--out", str(straight)))
     # One epoch, then resume for one more.
@@ -207,6 +218,9 @@ def test_symmetric_feedback_initialisation_starts_at_the_transposes(tmp_path, ti
 @pytest.mark.parametrize("dataset,algorithm,expected", [
     ("imagenet32", "bp", {"batch_size": 256, "forward.lr": 0.01, "forward.scheduler": "step"}),
     ("cifar10", "vanilla_dtp", {"batch_size": 128, "forward.lr": 1e-3, "forward.scheduler": "cosine"}),
+    ("cifar10", "parallel_dtp", {"forward.optimizer": "adam", "feedback.optimizer": "adam", "feedback.samples": 10,
+                                 "feedback.iterations": [1] * 5, "forward.lr": 3e-4, "forward.scheduler": "none"}),
+    ("imagenet32", "parallel_dtp", {"batch_size": 256, "forward.optimizer": "adam", "feedback.weight_decay": 1e-4}),
 ])
 def test_each_dataset_and_algorithm_starts_from_its_published_config(dataset, algorithm, expected):
     from dtp import config as config_lib
@@ -219,6 +233,19 @@ def test_each_dataset_and_algorithm_starts_from_its_published_config(dataset, al
         assert node == value, key
 
 
+@pytest.mark.parametrize("sets,message", [
+    (["algorithm=parallel_dtp"], "parallel_dtp takes one fused feedback step per batch"),
+    (["forward.optimizer=lbfgs"], "forward.optimizer is 'lbfgs'; choose one of sgd, adam"),
+    (["feedback.optimizer=Adam"], "feedback.optimizer is 'Adam'; choose one of sgd, adam"),
+])
+def test_optimizer_and_parallel_dtp_settings_are_checked(sets, message):
+    from dtp import config as config_lib
+    from dtp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        config_lib.resolve(SMOKE, {}, sets)
+
+
 def test_a_checkpoint_from_before_the_newer_options_resumes_with_their_defaults(tmp_path, tiny_npz):
     out, straight = tmp_path / "old", tmp_path / "straight"
     common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz)]
@@ -226,7 +253,8 @@ def test_a_checkpoint_from_before_the_newer_options_resumes_with_their_defaults(
     state = load(out)
     del state["early_stopping"], state["config"]["early_stopping"]
     for section, key in (("forward", "scheduler"), ("forward", "step_size"), ("forward", "gamma"),
-                         ("feedback", "init_symmetric")):
+                         ("feedback", "init_symmetric"), ("forward", "optimizer"), ("feedback", "optimizer"),
+                         ("feedback", "weight_decay"), ("model", "hidden")):
         del state["config"][section][key]
     torch.save(state, out / "checkpoint.pt")
     assert_ok(run_script("train_sequential.py", "--resume", str(out), "--epochs", "2"))

@@ -30,7 +30,7 @@ from dtp.parallel.protocol import (
 from dtp.runtime import Runtime, synchronize
 
 
-def train_timed(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict[str, Any], i: int, x: Tensor,
+def train_timed(network: DTPNetwork, optimizers: list[torch.optim.Optimizer], cfg: dict[str, Any], i: int, x: Tensor,
                 step: int, runtime: Runtime, batch_total: int, shard: BlockShard) -> tuple[Tensor, float]:
     """Train this rank's part of feedback block i as the sequential trainer does; return its loss and seconds."""
     t0 = time.perf_counter()
@@ -57,7 +57,7 @@ class DistributedFeedback:
     """A replica leader's feedback phase: ship block inputs out, train its own parts, collect the rest."""
 
     network: DTPNetwork
-    optimizers: list[torch.optim.SGD]
+    optimizers: list[torch.optim.Optimizer]
     cfg: dict[str, Any]
     runtime: Runtime
     groups: ProcessGroups
@@ -83,7 +83,7 @@ class DistributedFeedback:
         self.started = True
         pending, exchanges, inbound = [], {}, {}
         for r in layout.workers():
-            exchanges[r] = step_exchange(self.network, layout, r, header)
+            exchanges[r] = step_exchange(self.network, self.optimizers, layout, r, header)
             pending += send(exchanges[r].to_worker,
                             lambda m, r=r: self._outgoing(m, r, block_inputs, batch_total), layout.leader + r)
             inbound[r], works = receive(exchanges[r].to_leader, layout.leader + r, device)
@@ -167,7 +167,7 @@ class DistributedFeedback:
         broadcast_header(Header(CMD_ABORT if failed else CMD_STOP), self.groups, self.runtime.device)
 
 
-def run_worker(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict[str, Any], runtime: Runtime,
+def run_worker(network: DTPNetwork, optimizers: list[torch.optim.Optimizer], cfg: dict[str, Any], runtime: Runtime,
                groups: ProcessGroups) -> None:
     """A non-leader rank: train its parts of its feedback blocks each step until its leader says stop.
 
@@ -189,7 +189,7 @@ def run_worker(network: DTPNetwork, optimizers: list[torch.optim.SGD], cfg: dict
         if header.command == CMD_ABORT:
             raise UserError("the leader stopped with an error; its message says why")
         t2 = time.perf_counter()
-        exchange = step_exchange(network, layout, me, header)
+        exchange = step_exchange(network, optimizers, layout, me, header)
         inbound, works = receive(exchange.to_worker, leader, device)
         for work in works:
             work.wait()

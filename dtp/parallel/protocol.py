@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from dtp.models import DTPNetwork
+from dtp.optim import state_tensors
 from dtp.parallel.layout import Layout, ProcessGroups
 
 CMD_STEP, CMD_STOP, CMD_ABORT = 0, 1, 2  # ABORT: the leader stops on an error
@@ -31,7 +32,7 @@ class Header:
     command: int
     step: int = 0
     batch: int = 0
-    with_state: bool = False  # the first step also ships the feedback weights and momentum to their owners
+    with_state: bool = False  # the first step also ships the feedback weights and optimiser state to their owners
 
     def to_tensor(self, device: torch.device) -> Tensor:
         return torch.tensor([self.command, self.step, self.batch, int(self.with_state)], device=device)
@@ -71,12 +72,14 @@ class StepExchange:
     to_leader: tuple[Message, ...]
 
 
-def state_size(network: DTPNetwork, i: int) -> int:
-    """Feedback weights and their momentum buffers of block i, flat."""
-    return 2 * sum(p.numel() for p in network.feedback_blocks[i].parameters())
+def state_size(network: DTPNetwork, optimizer: torch.optim.Optimizer, i: int) -> int:
+    """Feedback weights of block i and their optimiser state, flat."""
+    return sum(p.numel() for p in network.feedback_blocks[i].parameters()) + sum(
+        t.numel() for t in state_tensors(optimizer))
 
 
-def step_exchange(network: DTPNetwork, layout: Layout, worker: int, header: Header) -> StepExchange:
+def step_exchange(network: DTPNetwork, optimizers: list[torch.optim.Optimizer], layout: Layout, worker: int,
+                  header: Header) -> StepExchange:
     """The messages between this replica's leader and group-local rank `worker` in the step `header` starts.
 
     To the worker: on the first step the state of each block it trains, then for each block the
@@ -85,7 +88,8 @@ def step_exchange(network: DTPNetwork, layout: Layout, worker: int, header: Head
     its timing.
     """
     blocks = layout.plan.blocks_of(worker)
-    to_worker = [Message("state", i, (state_size(network, i),)) for i in blocks] if header.with_state else []
+    to_worker = [Message("state", i, (state_size(network, optimizers[i - 1], i),)) for i in blocks
+                 ] if header.with_state else []
     for i in blocks:
         rows = layout.local_rows(i, worker, header.batch)
         to_worker.append(Message("forward", i, (sum(p.numel() for p in network.forward_blocks[i].parameters()),)))
@@ -93,7 +97,7 @@ def step_exchange(network: DTPNetwork, layout: Layout, worker: int, header: Head
     to_leader = []
     for i in blocks:
         if layout.plan.primary(i) == worker:
-            to_leader.append(Message("state", i, (state_size(network, i),)))
+            to_leader.append(Message("state", i, (state_size(network, optimizers[i - 1], i),)))
             to_leader.append(Message("result", i, (2,), torch.float64))
     to_leader.append(Message("timing", 0, (len(TIMING_FIELDS),), torch.float64))
     return StepExchange(tuple(to_worker), tuple(to_leader))
@@ -118,18 +122,20 @@ def receive(messages: tuple[Message, ...], peer: int,
     return buffers, [dist.irecv(buffers[m.key], peer) for m in messages]
 
 
-def state_vector(network: DTPNetwork, optimizer: torch.optim.SGD, i: int) -> Tensor:
+def state_vector(network: DTPNetwork, optimizer: torch.optim.Optimizer, i: int) -> Tensor:
+    """Block i's feedback weights then its optimiser state (dtp.optim.state_tensors), on the weights' device."""
     params = list(network.feedback_blocks[i].parameters())
-    momentum = [optimizer.state[p]["momentum_buffer"] for p in params]
-    return torch.cat([parameters_to_vector(params), parameters_to_vector(momentum)])
+    device = params[0].device
+    return torch.cat([parameters_to_vector(params).detach(), *[t.reshape(-1).to(device) for t in state_tensors(optimizer)]])
 
 
-def load_state_vector(network: DTPNetwork, optimizer: torch.optim.SGD, i: int, vec: Tensor) -> None:
-    params = list(network.feedback_blocks[i].parameters())
-    n = sum(p.numel() for p in params)
+def load_state_vector(network: DTPNetwork, optimizer: torch.optim.Optimizer, i: int, vec: Tensor) -> None:
+    """The inverse of state_vector, copied into the existing tensors (Adam's step stays where Adam keeps it)."""
+    offset = 0
     with torch.no_grad():
-        vector_to_parameters(vec[:n], params)
-        vector_to_parameters(vec[n : 2 * n], [optimizer.state[p]["momentum_buffer"] for p in params])
+        for t in [*network.feedback_blocks[i].parameters(), *state_tensors(optimizer)]:
+            t.copy_(vec[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def forward_vector(network: DTPNetwork, i: int) -> Tensor:

@@ -1,0 +1,41 @@
+"""The optimisers a run may use (SGD with momentum, or Adam as parallel_dtp publishes), with eager state.
+
+Their per-parameter state is created up front as zeros, which behaves exactly like the lazily created
+state on the first step and lets the parallel trainer ship a block's weights and optimiser state as one
+flat vector from the first step on.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+OPTIMIZERS = ("sgd", "adam")
+# The per-parameter state each optimiser keeps, in the order it travels in a flat state vector.
+STATE_KEYS = {torch.optim.SGD: ("momentum_buffer",), torch.optim.Adam: ("exp_avg", "exp_avg_sq", "step")}
+
+
+def make_optimizer(params: Iterable[nn.Parameter], kind: str, lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay) or Adam (default betas; momentum unused), its state created as zeros."""
+    params = list(params)
+    if kind == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        for p in params:
+            optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    elif kind == "adam":
+        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        for p in params:
+            # As Adam itself creates it (a host scalar unless capturable), so its step is unchanged.
+            optimizer.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                      exp_avg_sq=torch.zeros_like(p))
+    else:
+        raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
+    return optimizer
+
+
+def state_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """Every parameter's state tensors, parameter by parameter in STATE_KEYS order."""
+    keys = STATE_KEYS[type(optimizer)]
+    return [optimizer.state[p][key] for group in optimizer.param_groups for p in group["params"] for key in keys]
