@@ -51,6 +51,10 @@ SLOW_FORWARD = ["--set", "forward.lr=0.001"]
 # amplify the split's rounding tenfold in 3 steps (1.3e-5 against 2.8e-6 measured), too close to TOLERANCE.
 RESNET18 = ["--set", "model.arch=resnet18", "--set", "model.channels=[4,4,8,8]", "--set", "model.activation=relu",
             "--set", "feedback.lr=[1.0e-4,3.5e-4,8.0e-3,8.0e-3,0.18]"]
+# Tiny LeNet: 3 feedback blocks (conv 2, hidden, classifier) with overlapping 3/2 pools.
+LENET = ["--set", "model.arch=lenet", "--set", "model.channels=[4,8]", "--set", "model.hidden=16",
+         "--set", "feedback.iterations=[3,2,2]", "--set", "feedback.noise=[0.4,0.2,0.08]",
+         "--set", "feedback.lr=[1.0e-3,8.0e-3,0.05]"]
 PARALLEL_DTP = ["--algorithm", "parallel_dtp", "--set", "feedback.iterations=[1,1,1,1,1]", "--set", "feedback.samples=3",
                 "--set", "feedback.optimizer=adam", "--set", "forward.optimizer=adam", "--set", "forward.lr=0.001"]
 LAYOUTS = {
@@ -74,6 +78,7 @@ LAYOUTS = {
     # ResNet-18 has 5 feedback blocks too (stages 1–4, classifier); stage 1's G is trained in the general
     # three-call form, its rows split across both ranks.
     "resnet18, stage 1 split, 2 ranks": (2, ["--split", "2,1,1,1,1"], RESNET18, [2, 1, 1, 1, 1]),
+    "lenet, block 1 split, 2 ranks": (2, ["--split", "2,1,1"], LENET, [2, 1, 1]),
 }
 
 
