@@ -55,8 +55,9 @@ RESNET18 = ["--set", "model.arch=resnet18", "--set", "model.channels=[4,4,8,8]",
 LENET = ["--set", "model.arch=lenet", "--set", "model.channels=[4,8]", "--set", "model.hidden=16",
          "--set", "feedback.iterations=[3,2,2]", "--set", "feedback.noise=[0.4,0.2,0.08]",
          "--set", "feedback.lr=[1.0e-3,8.0e-3,0.05]"]
-PARALLEL_DTP = ["--algorithm", "parallel_dtp", "--set", "feedback.iterations=[1,1,1,1,1]", "--set", "feedback.samples=3",
-                "--set", "feedback.optimizer=adam", "--set", "forward.optimizer=adam", "--set", "forward.lr=0.001"]
+PARALLEL_DTP = ["--algorithm", "parallel_dtp", "--set", "feedback.iterations=[1,1,1,1,1]",
+                "--set", "feedback.samples=3", "--set", "feedback.optimizer=adam", "--set", "forward.optimizer=adam",
+                "--set", "forward.lr=0.001"]
 LAYOUTS = {
     "whole blocks, 1 rank": (1, WHOLE, [], [1, 1, 1, 1, 1]),
     "whole blocks, 2 ranks": (2, WHOLE, [], [1, 1, 1, 1, 1]),

@@ -74,8 +74,7 @@ class StepExchange:
 
 def state_size(network: DTPNetwork, optimizer: torch.optim.Optimizer, i: int) -> int:
     """Feedback weights of block i and their optimiser state, flat."""
-    return sum(p.numel() for p in network.feedback_blocks[i].parameters()) + sum(
-        t.numel() for t in state_tensors(optimizer))
+    return sum(t.numel() for t in [*network.feedback_blocks[i].parameters(), *state_tensors(optimizer)])
 
 
 def step_exchange(network: DTPNetwork, optimizers: list[torch.optim.Optimizer], layout: Layout, worker: int,
@@ -126,7 +125,8 @@ def state_vector(network: DTPNetwork, optimizer: torch.optim.Optimizer, i: int) 
     """Block i's feedback weights then its optimiser state (dtp.optim.state_tensors), on the weights' device."""
     params = list(network.feedback_blocks[i].parameters())
     device = params[0].device
-    return torch.cat([parameters_to_vector(params).detach(), *[t.reshape(-1).to(device) for t in state_tensors(optimizer)]])
+    state = [t.reshape(-1).to(device) for t in state_tensors(optimizer)]
+    return torch.cat([parameters_to_vector(params).detach(), *state])
 
 
 def load_state_vector(network: DTPNetwork, optimizer: torch.optim.Optimizer, i: int, vec: Tensor) -> None:
