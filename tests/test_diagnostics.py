@@ -80,7 +80,7 @@ def test_the_comparison_changes_nothing_in_the_run():
 def test_ldrl_feedback_training_brings_the_dtp_update_towards_the_bp_gradient(seed):
     """The paper's claim, on a small network with fixed forward weights: before feedback training the DTP
     update of the blocks below the output is at about 90° from the BP gradient (random feedback); after 20
-    steps of 20 L-DRL iterations on one batch it is at 10–14° in block 1 and 29–33° in block 0, measured
+    steps of 20 L-DRL iterations on one batch it is at 10–13° in block 1 and 29–33° in block 0, measured
     for seeds 0–2. The bounds sit well above those and far below the start."""
     cfg = merge(DEFAULTS, {"seed": seed, "model": {"channels": [8, 16]},
                            "feedback": {"iterations": [20, 20], "noise": [0.2, 0.08], "lr": [3e-3, 0.05]}})
