@@ -7,7 +7,7 @@ Two figures per block, both angles in degrees and distances relative:
   published CompareToBackpropCallback, β = 0.005).
 Angles are the published per-filter form: the mean, over the rows of each weight (a convolution's
 filters, a linear layer's output units), of the angle between matching rows. The angle between whole
-flattened tensors is a different, smaller-variance figure and is reported only as `whole_tensor_angle`.
+flattened tensors is a different figure and is reported only as `whole_tensor_angle`.
 """
 from __future__ import annotations
 

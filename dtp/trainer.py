@@ -25,7 +25,7 @@ from dtp import config as config_lib
 from dtp.algorithm import VARIANTS, forward_losses, forward_pass, propagate_targets
 from dtp.checkpoint import save_checkpoint, save_summary
 from dtp.data import BatchLoader, DatasetSplits
-from dtp.diagnostics import BackpropComparison, angle_and_distance, compare_to_backprop, whole_tensor_angle
+from dtp.diagnostics import BackpropComparison, compare_to_backprop, weight_alignment, whole_tensor_angle
 from dtp.errors import TrainingError, UserError
 from dtp.feedback import FeedbackPhase
 from dtp.metrics import AverageMeter, topk_correct
@@ -274,9 +274,9 @@ class RunLog:
         against the BP gradient; per parameter, the latter as the published callback logs it."""
         w, figures = self.writer, {}
         for i in range(1, network.n_feedback + 1):
-            pairs = weight_pairs(network.forward_blocks[i], network.feedback_blocks[i])
-            angle, distance = angle_and_distance(pairs)
-            whole = whole_tensor_angle(pairs)
+            forward, feedback = network.forward_blocks[i], network.feedback_blocks[i]
+            angle, distance = weight_alignment(forward, feedback)
+            whole = whole_tensor_angle(weight_pairs(forward, feedback))
             w.add_scalar(f"alignment/angle_block{i}", angle, step)
             w.add_scalar(f"alignment/distance_block{i}", distance, step)
             w.add_scalar(f"alignment/whole_tensor_angle_block{i}", whole, step)
