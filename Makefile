@@ -1,9 +1,9 @@
-# `make demo` and `make test` build .venv from requirements.txt on first use.
+# `make demo`, `make test` and `make test-fast` build .venv from requirements.txt on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test clean
+.PHONY: demo test test-fast clean
 
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,10 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
+
+# The in-process tests only (the maths, every algorithm, learning evidence, loaders, planning): under a minute.
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

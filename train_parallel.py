@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 
 from dtp.cli import build_network, build_parser, exit_on_user_error, load_data, resolve_run
 from dtp.config import to_yaml
-from dtp.errors import UserError
+from dtp.errors import UserError, report_error
 from dtp.feedback import make_feedback_optimizers
 from dtp.parallel.costs import measure_feedback_costs
 from dtp.parallel.feedback import DistributedFeedback, run_worker
@@ -90,14 +90,16 @@ def main() -> None:
             resume_state = run.resume_state
         feedback = DistributedFeedback(network, optimizers, cfg, runtime, groups, costs)
         trainer = Trainer(cfg, network, optimizers, feedback, runtime, ReplicaGroup(groups))
-        failed = True
         try:
             if resume_state is not None:
                 trainer.load_state_dict(resume_state)
             summary = trainer.fit(data, run.out_dir if ctx.is_leader else None, args.max_steps)
-            failed = False
-        finally:
-            feedback.close(failed)
+        except BaseException as exc:
+            if isinstance(exc, UserError):
+                report_error(exc, show=ctx.is_leader)  # before the workers are released and can exit
+            feedback.close(failed=True)
+            raise
+        feedback.close()
         if ctx.is_leader:
             report(summary, run.out_dir)
     else:

@@ -8,11 +8,9 @@ from __future__ import annotations
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from dtp.cli import build_network, build_parser, exit_on_user_error, load_data, resolve_run
+from dtp.cli import build_network, build_parser, exit_on_user_error, load_data, resolve_run, sequential_trainer
 from dtp.config import to_yaml
-from dtp.feedback import LocalFeedback, make_feedback_optimizers
 from dtp.runtime import Runtime
-from dtp.trainer import Trainer
 
 
 def main() -> None:
@@ -25,12 +23,7 @@ def main() -> None:
     print(to_yaml(cfg), end="")
     data = load_data(cfg)
     network = build_network(cfg, data.input_shape, data.num_classes).to(runtime.device)
-    if cfg["algorithm"] == "bp":
-        feedback_optimizers, feedback = [], None
-    else:
-        feedback_optimizers = make_feedback_optimizers(network, cfg)
-        feedback = LocalFeedback(network, feedback_optimizers, cfg, runtime)
-    trainer = Trainer(cfg, network, feedback_optimizers, feedback, runtime)
+    trainer = sequential_trainer(cfg, network, runtime)
     if run.resume_state is not None:
         trainer.load_state_dict(run.resume_state)
     summary = trainer.fit(data, run.out_dir, run.max_steps)

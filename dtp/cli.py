@@ -10,8 +10,11 @@ from typing import Any, Callable
 from dtp import config as config_lib
 from dtp.checkpoint import CHECKPOINT, load_checkpoint
 from dtp.data import DATASETS, DatasetSplits, load_dataset
-from dtp.errors import UserError
+from dtp.errors import UserError, report_error
+from dtp.feedback import LocalFeedback, make_feedback_optimizers
 from dtp.models import DTPNetwork
+from dtp.runtime import Runtime
+from dtp.trainer import Trainer
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
@@ -75,6 +78,14 @@ def build_network(cfg: dict[str, Any], input_shape: tuple[int, int, int], num_cl
     return network
 
 
+def sequential_trainer(cfg: dict[str, Any], network: DTPNetwork, runtime: Runtime) -> Trainer:
+    """The Trainer train_sequential.py runs: every feedback block trained in this process (none for bp)."""
+    if cfg["algorithm"] == "bp":
+        return Trainer(cfg, network, [], None, runtime)
+    feedback_optimizers = make_feedback_optimizers(network, cfg)
+    return Trainer(cfg, network, feedback_optimizers, LocalFeedback(network, feedback_optimizers, cfg, runtime), runtime)
+
+
 def load_data(cfg: dict[str, Any]) -> DatasetSplits:
     return load_dataset(cfg["dataset"], cfg["data_dir"], download=bool(cfg["download"]), seed=cfg["seed"])
 
@@ -84,6 +95,5 @@ def exit_on_user_error(main: Callable[[], None], show: bool = True) -> None:
     try:
         main()
     except UserError as exc:
-        if show:
-            print(f"error: {exc}", file=sys.stderr)
+        report_error(exc, show)
         sys.exit(2)

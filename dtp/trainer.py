@@ -114,7 +114,7 @@ def train_step(
     if algorithm == "bp":
         with runtime.autocast():
             logits = network(x)
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = F.cross_entropy(at_least_fp32(logits), labels)
         forward_opt.zero_grad(set_to_none=True)
         loss.backward()
         forward_opt.step()
@@ -123,8 +123,8 @@ def train_step(
     with runtime.autocast():
         outputs, indices = forward_pass(blocks, x)
     assert feedback is not None
-    # Feedback training gets fp32 inputs whatever the autocast, so every FeedbackPhase sees the same tensors.
-    fb_losses = feedback.train([h.detach().float() for h in outputs[:-1]], step, batch_total)
+    # Feedback training gets at least fp32 inputs whatever the autocast, so every FeedbackPhase sees the same tensors.
+    fb_losses = feedback.train([at_least_fp32(h.detach()) for h in outputs[:-1]], step, batch_total)
     with runtime.autocast():
         targets = propagate_targets(list(network.feedback_blocks), outputs, indices, labels, cfg["forward"]["beta"],
                                     VARIANTS[algorithm].difference_targets)
@@ -136,6 +136,11 @@ def train_step(
     logits = outputs[-1].detach()
     ce = F.cross_entropy(logits.float(), labels)
     return StepResult(logits, ce, [l.detach() for l in block_losses], fb_losses)
+
+
+def at_least_fp32(t: Tensor) -> Tensor:
+    """bf16 (autocast) values in fp32; fp32 and fp64 unchanged, so a float64 network computes in float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 @torch.no_grad()
@@ -376,6 +381,8 @@ class Trainer:
             assert out_dir is not None
             self.log = RunLog(out_dir, cfg, self.step)
         self.stop.install()
+        if self.log is not None:  # after install: whoever waits for this line may signal the run
+            print(f"training from step {self.step}: SIGUSR1 or SIGTERM stops with a checkpoint", flush=True)
         self.started = time.perf_counter()
         metrics: dict[str, float] = {}
         evaluated_at, stopping, early = -1, False, False

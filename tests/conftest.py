@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,66 @@ SMOKE = str(ROOT / "configs" / "smoke.yaml")
 # In-process tests compute on one thread, as the scripts the tests start do: tiny convolutions run no
 # faster on more, and a loaded machine makes them far slower.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def in_process_unless_marked_slow(request, monkeypatch):
+    """`make test-fast` runs every test not marked `slow`; such a test may not start a process."""
+    if request.node.get_closest_marker("slow") is None:
+        def refuse(*args, **kwargs):
+            raise AssertionError("this test starts a process: mark it @pytest.mark.slow or run the code in-process")
+        monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+
+
+def train_in_process(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
+    """Run train_sequential.py's main in this process, with these flags (no start-up cost, fast tier)."""
+    import train_sequential
+
+    monkeypatch.setattr(sys, "argv", ["train_sequential.py", *args])
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    train_sequential.main()
+
+
+def script_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, script: str,
+                      *args: str) -> subprocess.CompletedProcess:
+    """What `python SCRIPT ARGS` does up to its exit, run in this process: its code, stdout and stderr."""
+    import importlib
+
+    from dtp.cli import exit_on_user_error
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    capsys.readouterr()
+    try:
+        exit_on_user_error(module.main)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([script, *args], code, out, err)
+
+
+def free_port() -> int:
+    """A TCP port the OS has just handed out, so that concurrent test runs never pick the same one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def expect_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    """What every bad input gets: exit code 2, exactly one `error:` line naming the problem, no traceback."""
+    assert proc.returncode == 2, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    message = proc.stderr[proc.stderr.index(lines[0]):]  # a message may list files on lines of its own
+    for fragment in fragments:
+        assert fragment in message, proc.stderr
 
 
 def script_env(threads: int) -> dict[str, str]:

@@ -243,17 +243,27 @@ def test_parts_of_a_batch_sum_to_the_full_batch_loss_and_gradient(loss_fn):
     assert float(sum(halves)) == pytest.approx(float(forward_losses(outputs, targets)[0]), rel=1e-6)
 
 
-def test_train_feedback_block_reduces_the_reconstruction_loss():
+# After/before ratio of each loss on fixed held-out noise (8 samples), 40 iterations of lr 0.01, seeds 0–2:
+# the reconstruction loss 0.21–0.24; L-DRL goes from about 0.2 to −0.11 … −0.71 (its minimum is negative).
+LOSS_AFTER_TRAINING = {reconstruction_loss: 0.4, feedback_loss: 0.0}
+
+
+@pytest.mark.parametrize("loss_fn", [reconstruction_loss, feedback_loss])
+def test_train_feedback_block_lowers_the_loss_it_is_given_on_held_out_noise(loss_fn):
     net = small_network()
     torch.manual_seed(0)
     x = torch.randn(16, 3, 16, 16)
-    opt = torch.optim.SGD(net.feedback_blocks[1].parameters(), lr=0.01, momentum=0.9)
-    h0, _ = net.forward_blocks[0](x)
-    noise = BlockNoise(0, 1, 0, slice(0, 16), CPU)
-    first = train_feedback_block(net.forward_blocks[1], net.feedback_blocks[1], opt, h0, 1, 0.1, 1, noise)
-    train_feedback_block(net.forward_blocks[1], net.feedback_blocks[1], opt, h0, 40, 0.1, 1, noise)
-    last = train_feedback_block(net.forward_blocks[1], net.feedback_blocks[1], opt, h0, 1, 0.1, 1, noise)
-    assert float(last) < float(first)
+    f, g = net.forward_blocks[1], net.feedback_blocks[1]
+    with torch.no_grad():
+        h0, _ = net.forward_blocks[0](x)
+        y, idx = f(h0)
+    gen = torch.Generator().manual_seed(99)
+    dx, dy = 0.1 * torch.randn((8, *h0.shape), generator=gen), 0.1 * torch.randn((8, *y.shape), generator=gen)
+    before = float(loss_fn(f, g, h0, y, idx, dx, dy).detach())
+    opt = torch.optim.SGD(g.parameters(), lr=0.01, momentum=0.9)
+    train_feedback_block(f, g, opt, h0, 40, 0.1, 1, BlockNoise(0, 1, 0, slice(0, 16), CPU), loss_fn=loss_fn)
+    after = float(loss_fn(f, g, h0, y, idx, dx, dy).detach())
+    assert before > 0 and after < LOSS_AFTER_TRAINING[loss_fn] * before
 
 
 def test_weight_alignment_of_transposed_weights_is_zero():

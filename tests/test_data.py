@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_ok, run_script
+from conftest import expect_error, script_in_process, train_in_process
 
 from dtp import data
 from dtp.data import (
@@ -309,23 +309,22 @@ def test_mnist_unreadable_gzip_is_a_data_error(tmp_path: Path) -> None:
         load_dataset("mnist", str(tmp_path))
 
 
-def test_mnist_one_training_step_from_the_command_line(tmp_path: Path) -> None:
+def test_mnist_one_training_step_from_the_command_line(tmp_path: Path, monkeypatch, capsys) -> None:
     """The shipped configs/mnist.yaml, narrowed, runs one step on 28x28 grey images; missing files exit cleanly."""
     _write_mnist(tmp_path / "data" / "MNIST" / "raw", gz=True, n_train=16, n_test=8)
     out = tmp_path / "run"
     small = ("--set", "batch_size=8", "--set", "eval_batch_size=8", "--set", "model.channels=[4,4,4,4]",
              "--set", "feedback.iterations=[1,1,1,1]")
-    proc = run_script("train_sequential.py", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
-                      "--max-steps", "1", *small, "--out", str(out))
-    assert_ok(proc)
+    train_in_process(monkeypatch, "--dataset", "mnist", "--data-dir", str(tmp_path / "data"), "--max-steps", "1",
+                     *small, "--out", str(out))
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["step"] == 1 and ckpt["config"]["dataset"] == "mnist"
     assert ckpt["config"]["feedback"]["lr"] == [1.0e-4, 3.5e-4, 8.0e-3, 0.18]  # from configs/mnist.yaml
     assert ckpt["forward"]["0.layers.0.weight"].shape == (4, 1, 3, 3)  # one input channel
-    proc = run_script("train_sequential.py", "--dataset", "fashion_mnist", "--data-dir", str(tmp_path / "data"),
-                      "--max-steps", "1", *small, "--out", str(tmp_path / "run2"))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "error: Fashion-MNIST not found" in proc.stderr and "FashionMNIST" in proc.stderr
+    proc = script_in_process(monkeypatch, capsys, "train_sequential.py", "--dataset", "fashion_mnist",
+                             "--data-dir", str(tmp_path / "data"), "--max-steps", "1", *small,
+                             "--out", str(tmp_path / "run2"))
+    expect_error(proc, "Fashion-MNIST not found", "FashionMNIST")
 
 
 # ----------------------------------------------------------------------------- npz

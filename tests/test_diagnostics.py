@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SMOKE, assert_ok, load, run_script, scalar_values
+from conftest import SMOKE, load, scalar_values, train_in_process
 from dtp.algorithm import forward_pass
 from dtp.config import DEFAULTS, merge
 from dtp.diagnostics import angle_and_distance, compare_to_backprop, whole_tensor_angle
@@ -98,11 +98,11 @@ def test_ldrl_feedback_training_brings_the_dtp_update_towards_the_bp_gradient(se
     assert end[1][0] < 20 and end[0][0] < 45
 
 
-def test_a_run_is_bitwise_the_same_whether_or_not_it_compares_with_backprop(tmp_path, tiny_npz):
+def test_a_run_is_bitwise_the_same_whether_or_not_it_compares_with_backprop(tmp_path, monkeypatch, tiny_npz):
     common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--max-steps", "2"]
     every, last_only = tmp_path / "every", tmp_path / "last"
-    assert_ok(run_script("train_sequential.py", *common, "--set", "log.angles_every=1", "--out", str(every)))
-    assert_ok(run_script("train_sequential.py", *common, "--set", "log.angles_every=1000", "--out", str(last_only)))
+    train_in_process(monkeypatch, *common, "--set", "log.angles_every=1", "--out", str(every))
+    train_in_process(monkeypatch, *common, "--set", "log.angles_every=1000", "--out", str(last_only))
     assert 1 in scalar_values(every, "bp_comparison/angle_block0")
     assert 1 not in scalar_values(last_only, "bp_comparison/angle_block0")
     a, b = load(every), load(last_only)

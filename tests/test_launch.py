@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
 SBATCH = ["slurm_parallel.sbatch", "slurm_multinode.sbatch", "slurm_sequential.sbatch"]

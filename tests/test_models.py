@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, assert_ok, load, run_script
-from dtp.config import DEFAULTS, merge, validate
+from conftest import ROOT, load, train_in_process
+from dtp.config import DEFAULTS, load_yaml, merge, validate
+from dtp.diagnostics import weight_alignment
 from dtp.errors import ConfigError
 from dtp.models import BasicBlock, DTPNetwork, InvertedBasicBlock
 
@@ -55,13 +56,19 @@ def test_unpool_uses_the_indices_it_is_given():
     y, idx = net.forward_blocks[0](x)
     _, other = net.forward_blocks[0](x + torch.randn_like(x))
     g = net.feedback_blocks[0]
-    assert torch.equal(g(y, idx), g(y, idx))
+    # Unpooling puts each pooled value back where the given indices say, zeros elsewhere.
+    unpooled = g.layers[0](y, idx[0], output_size=(8, 8))
+    assert torch.equal(unpooled.flatten(2).gather(2, idx[0].flatten(2)), y.flatten(2))
+    assert int((unpooled != 0).sum()) == int((y != 0).sum())
     assert not torch.equal(g(y, idx), g(y, other))
 
 
-def test_feedback_weights_are_not_transposed_forward_weights():
-    net = DTPNetwork({"arch": "simple_vgg", "channels": [4, 4], "activation": "elu"}, (3, 8, 8), 10, seed=0)
-    assert not torch.allclose(net.forward_blocks[1].layers[0].weight, net.feedback_blocks[1].layers[2].weight)
+def test_feedback_weights_start_unaligned_with_the_transposed_forward_weights():
+    """Independent initialisations: W and Bᵀ start near 90° apart (a transposed or scaled copy would be at 0°)."""
+    net = DTPNetwork({"arch": "simple_vgg", "channels": [16, 16], "activation": "elu"}, (3, 8, 8), 10, seed=0)
+    for i in range(1, net.n_feedback + 1):
+        angle, _ = weight_alignment(net.forward_blocks[i], net.feedback_blocks[i])
+        assert 70.0 < angle < 110.0, (i, angle)
 
 
 def test_network_that_does_not_fit_the_input_is_a_clear_error():
@@ -180,12 +187,16 @@ TINY = {
 
 
 @pytest.mark.parametrize("arch", TINY)
-def test_each_architecture_trains_two_dtp_steps_from_its_shipped_config(tmp_path, tiny_npz, arch):
+def test_each_architecture_trains_two_dtp_steps_from_its_shipped_config(tmp_path, monkeypatch, tiny_npz, arch):
+    config = ROOT / "configs" / f"cifar10_{arch}_dtp.yaml"
     out = tmp_path / "run"
-    proc = run_script("train_sequential.py", "--config", str(ROOT / "configs" / f"cifar10_{arch}_dtp.yaml"),
-                      "--dataset", "npz", "--data-dir", str(tiny_npz), "--batch-size", "16", "--max-steps", "2",
-                      *TINY[arch], "--out", str(out))
-    assert_ok(proc)
+    train_in_process(monkeypatch, "--config", str(config), "--dataset", "npz", "--data-dir", str(tiny_npz),
+                     "--batch-size", "16", "--max-steps", "2", *TINY[arch], "--out", str(out))
     ckpt = load(out)
+    shipped = load_yaml(config)
     assert ckpt["step"] == 2 and ckpt["config"]["model"]["arch"] == arch
+    # The shipped file's settings are the ones that ran (those the test does not override).
+    assert ckpt["config"]["feedback"]["lr"] == shipped["feedback"]["lr"]
+    assert ckpt["config"]["forward"]["lr"] == shipped["forward"]["lr"]
+    assert ckpt["config"]["model"]["activation"] == shipped["model"].get("activation", "elu")
     assert all(torch.isfinite(t).all() for key in ("forward", "feedback") for t in ckpt[key].values())

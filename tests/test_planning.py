@@ -78,6 +78,13 @@ def test_the_bound_of_a_whole_block_plan_is_at_least_one(world):
 def test_layout_errors_name_the_fix():
     with pytest.raises(UserError, match="--replicas 2 does not divide the 3 ranks"):
         check_layout(16, 5, 3, 2, "auto")
+    # 2 feedback blocks, batch 16 (two 8-row noise chunks): a leader and 2 parts per block at most.
+    with pytest.raises(UserError, match="6 ranks per layer-parallel group but at most 5 are useful"):
+        check_layout(16, 2, 6, 1, "auto")
+    with pytest.raises(UserError, match="without splitting at most 3 ranks are useful"):
+        check_layout(16, 2, 4, 1, "none")
+    with pytest.raises(UserError, match="--split needs 2 part counts"):
+        check_layout(16, 2, 3, 1, [1, 1, 1])
     with pytest.raises(UserError, match="more than a batch of 16 has 8-row chunks"):
         check_layout(16, 5, 3, 3, "auto")
     with pytest.raises(UserError, match="without splitting at most 6 ranks are useful"):

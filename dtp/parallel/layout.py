@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dtp.errors import UserError
+from dtp.errors import UserError, report_error
 from dtp.feedback import BlockShard
 from dtp.parallel.planning import LEADER, FeedbackPlan, split_rows
 
@@ -68,13 +68,14 @@ def decided_by_leader(ctx: DistContext, decide: Callable[[], T]) -> T:
     """Run `decide` on rank 0 alone and give every rank its result.
 
     A UserError there reaches every rank too, so the others exit quietly with it instead of failing on
-    a closed connection.
+    a closed connection; rank 0 prints it before any other rank can learn of it and exit.
     """
     box: list = [None]
     if ctx.is_leader:
         try:
             box = [decide()]
         except UserError as exc:
+            report_error(exc)
             box = [exc]
     dist.broadcast_object_list(box, src=LEADER)
     if isinstance(box[0], UserError):
