@@ -25,7 +25,7 @@ from conftest import SMOKE, load, max_relative_difference
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = ROOT / "launch"
-SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+SEARCH_PATH = os.pathsep.join(filter(None, [os.environ.get("PATH"), "/usr/sbin", "/sbin"]))  # daemons live in sbin
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue")
 MISSING = [name for name in PROGRAMS if shutil.which(name, path=SEARCH_PATH) is None]
 
@@ -136,7 +136,8 @@ def stop(cluster: Cluster, daemons: list[subprocess.Popen]) -> None:
 def node_is_idle(cluster: Cluster, host: str, daemons: list[subprocess.Popen], folder: Path) -> bool:
     dead = [d.args[0] for d in daemons if d.poll() is not None]
     if dead:
-        logs = "".join(f"\n{p.name}:\n{p.read_text()[-2000:]}" for p in sorted(folder.glob("*.log")))
+        logs = "".join(f"\n{p.name}:\n{p.read_text()[-2000:]}" for p in sorted(folder.glob("*.log"))
+                       + sorted(folder.glob("*.stderr")))
         raise AssertionError(f"{', '.join(dead)} exited{logs}")
     return "State=IDLE" in cluster.run("scontrol", "show", "node", "-o", host)
 
