@@ -35,6 +35,22 @@ set_threads() {
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( n > 0 ? n : 1 ))}
 }
 
+# set_nproc: NPROC, the ranks per node under SLURM: as set, else one per GPU Slurm gave this node.
+# A CPU-only job has no count to go by and must set it (a default of 1 once ran a parallel job on a
+# single rank without a word); the count in use is printed either way.
+set_nproc() {
+    local from="NPROC"
+    if [[ -z ${NPROC-} ]] && (( ${SLURM_GPUS_ON_NODE:-0} > 0 )); then
+        NPROC=$SLURM_GPUS_ON_NODE from="one per GPU"
+    fi
+    if [[ -z ${NPROC-} ]]; then
+        echo "launch: no GPU on this node: set NPROC, the ranks per node (e.g. NPROC=2 sbatch --gpus-per-node=0 ...)" >&2
+        exit 2
+    fi
+    [[ $NPROC =~ ^[1-9][0-9]*$ ]] || { echo "launch: NPROC must be a positive integer, got '$NPROC'" >&2; exit 2; }
+    echo "launch: $NPROC rank(s) per node ($from)"
+}
+
 # What the USR1 trap does; the scripts redefine it where the leader is elsewhere.
 forward_usr1() { bash launch/signal_leader.sh; }
 

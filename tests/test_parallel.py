@@ -24,7 +24,7 @@ STEPS = "3"
 @pytest.fixture(scope="module")
 def smoke_npz(tiny_npz) -> list[str]:
     """smoke.yaml on the tiny npz: the parity runs neither generate nor evaluate the 10,000-image shapes set."""
-    return ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz)]
+    return ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "2"]
 
 
 @pytest.fixture(scope="module")
