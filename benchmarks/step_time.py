@@ -1,4 +1,4 @@
-"""Time DTP training steps with the CIFAR-10 SimpleVGG settings (DESIGN.md §5) on random input.
+"""Time DTP training steps with the CIFAR-10 SimpleVGG settings (docs/design.md §7) on random input.
 
     python benchmarks/step_time.py --steps 2 --threads 2 --json
     python benchmarks/step_time.py --steps 3 --threads 1 --parallel 2  # under torchrun, then sequential

@@ -1,6 +1,6 @@
 """The run configuration: plain nested dicts, loaded from YAML and overridden from the command line.
 
-DEFAULTS is the CIFAR-10 DTP reference (DESIGN.md §5) and also the schema: a key that is not in it
+DEFAULTS is the CIFAR-10 DTP reference (docs/design.md §7) and also the schema: a key that is not in it
 is rejected, so a typo never silently falls back to a default.
 """
 from __future__ import annotations
