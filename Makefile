@@ -1,4 +1,5 @@
-# `make demo`, `make test` and `make test-fast` build .venv from requirements.txt on first use.
+# `make demo`, `make test` and `make test-fast` build .venv from requirements.txt, with this project
+# installed in it (editable), on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,6 +9,7 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -e .
 	touch $@
 
 demo: $(BIN)/.installed

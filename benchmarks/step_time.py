@@ -1,4 +1,4 @@
-"""Time DTP training steps with the CIFAR-10 SimpleVGG settings (DESIGN.md §5) on random input.
+"""Time DTP training steps with the CIFAR-10 SimpleVGG settings (docs/design.md §7) on random input.
 
     python benchmarks/step_time.py --steps 2 --threads 2 --json
     python benchmarks/step_time.py --steps 3 --threads 1 --parallel 2  # under torchrun, then sequential
@@ -8,6 +8,8 @@ Sequential mode times this project's step and, in the same run, a naive baseline
 code's cost structure (forward block recomputed inside every feedback iteration to restore the pooling
 indices, the three feedback passes run one by one, weight angle/distance computed every iteration),
 and reports the speed-up. With --json the last line is a JSON object.
+
+It imports dtp as an installed package: `make` installs the project into .venv (pip install -e .).
 """
 from __future__ import annotations
 
@@ -17,24 +19,21 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dtp.algorithm import noise_generator  # noqa: E402
-from dtp.diagnostics import weight_alignment  # noqa: E402
-from dtp.config import DEFAULTS, merge  # noqa: E402
-from dtp.models import DTPNetwork  # noqa: E402
-from dtp.feedback import make_feedback_optimizers, train_blocks  # noqa: E402
-from dtp.metrics import peak_rss_mib  # noqa: E402
-from dtp.parallel.costs import measure_feedback_costs, time_feedback_iteration  # noqa: E402
-from dtp.parallel.feedback import DistributedFeedback, run_worker  # noqa: E402
-from dtp.parallel.layout import Layout, ProcessGroups, decided_by_leader, init_distributed  # noqa: E402
-from dtp.parallel.planning import FeedbackPlan, format_plan, max_pieces, plan_feedback, split_rows  # noqa: E402
-from dtp.runtime import Runtime, autocast_for  # noqa: E402
-from dtp.trainer import build_forward_optimizer, train_step  # noqa: E402
+from dtp.algorithm import noise_generator
+from dtp.diagnostics import weight_alignment
+from dtp.config import DEFAULTS, merge
+from dtp.models import DTPNetwork
+from dtp.feedback import make_feedback_optimizers, train_blocks
+from dtp.metrics import peak_rss_mib
+from dtp.parallel.costs import measure_feedback_costs, time_feedback_iteration
+from dtp.parallel.feedback import DistributedFeedback, run_worker
+from dtp.parallel.layout import Layout, ProcessGroups, decided_by_leader, init_distributed
+from dtp.parallel.planning import FeedbackPlan, format_plan, max_pieces, plan_feedback, split_rows
+from dtp.runtime import Runtime, autocast_for
+from dtp.trainer import build_forward_optimizer, train_step
 
 
 def part_costs(cfg, pieces: int, runtime: Runtime) -> dict[int, list[float]]:

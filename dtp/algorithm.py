@@ -1,4 +1,4 @@
-"""The DTP algorithm (DESIGN.md §3–4): feedback losses, target propagation and the forward loss.
+"""The DTP algorithm (docs/design.md §4–5): feedback losses, target propagation and the forward loss.
 
 This is the only place the math lives; the sequential and the parallel trainers both call it.
 Each target-propagation algorithm is a feedback loss and a target rule (VARIANTS).
@@ -29,7 +29,7 @@ def noise_generator(seed: int, block: int, step: int, chunk: int, device: torch.
 
     It depends on nothing but (run seed, block, step, chunk), so the order in which blocks are trained,
     the rank that trains them, how the batch is split and whether the run was resumed never change the
-    noise (DESIGN.md §6).
+    noise (docs/design.md §9).
     """
     return seeded_generator(FEEDBACK_NOISE_STREAM, seed, block, step, chunk, device=device)
 
@@ -82,7 +82,7 @@ def feedback_loss(
     y = F(x) and its pooling indices are known from the forward pass and are not recomputed.
 
     Blocks whose G has an affine tail take the two-pass form, any other block (a ResNet stage, a
-    block with several parametric layers) the three-call form; both are the math of DESIGN.md §3.
+    block with several parametric layers) the three-call form; both are the math of docs/design.md §4.1–4.2.
     """
     loss_fn = general_feedback_loss if feedback_block.tail_start is None else affine_tail_feedback_loss
     return loss_fn(forward_block, feedback_block, x, y, indices, dx, dy, batch_total)
@@ -133,7 +133,7 @@ def general_feedback_loss(
     dy: Tensor,
     batch_total: int | None = None,
 ) -> Tensor:
-    """L-DRL for any G, as DESIGN.md §3 writes it: r = G(y), dr = G(y_n) − r, dr_y = G(y + dy) − r.
+    """L-DRL for any G, as docs/design.md §4.1 writes it: r = G(y), dr = G(y_n) − r, dr_y = G(y + dy) − r.
 
     The three calls are one G call on the stacked rows [y, y_n, y + dy] (rows do not interact without
     batch statistics), so the gradient flows through all three, r included. r is computed once per

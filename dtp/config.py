@@ -1,12 +1,13 @@
 """The run configuration: plain nested dicts, loaded from YAML and overridden from the command line.
 
-DEFAULTS is the CIFAR-10 DTP reference (DESIGN.md §5) and also the schema: a key that is not in it
+DEFAULTS is the CIFAR-10 DTP reference (docs/design.md §7) and also the schema: a key that is not in it
 is rejected, so a typo never silently falls back to a default.
 """
 from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,22 @@ SCHEDULERS = ("cosine", "step", "none")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """SafeLoader, plus floats in exponent notation that YAML 1.1 leaves as strings (1e-3, 1E-3, 2e4: no dot;
+    1.0e3: no sign after the e), so a learning rate reads as a number however it is written."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=ConfigLoader)
+
+
 def _suggest(key: str, choices: list[str], where: str) -> str:
     close = difflib.get_close_matches(key, choices, n=1)
     if close:
@@ -101,7 +118,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; see configs/ for the shipped ones")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
@@ -115,7 +132,7 @@ def parse_set(assignment: str) -> dict[str, Any]:
         raise ConfigError(f"--set expects key=value, got '{assignment}'")
     key, raw = assignment.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = _parse_yaml(raw)
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {key}: value '{raw}' is not valid YAML: {exc}") from None
     nested: dict[str, Any] = {}

@@ -42,7 +42,7 @@ IDX_IMAGE_SIZE = 28
 GZIP_MAGIC = b"\x1f\x8b"
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
-PAD = 4  # pixels of edge padding before the random crop (DESIGN §5; edge as in the published code)
+PAD = 4  # pixels of edge padding before the random crop (docs/design.md §8; edge as in the published code)
 _STATS_CHUNK_ELEMENTS = 1 << 23  # int64 values per chunk when computing mean/std (64 MiB)
 # Leading words that keep the permutation and augmentation seed streams apart.
 _PERM_STREAM = 0x5045524D

@@ -1,4 +1,4 @@
-"""The feedback phase of a step: training G_1..G_N on the step's activations (DESIGN.md §3).
+"""The feedback phase of a step: training G_1..G_N on the step's activations (docs/design.md §4).
 
 The training loop hands the block inputs to a FeedbackPhase and gets the trained feedback weights
 back in its own modules; it does not know where the blocks were trained. LocalFeedback trains them

@@ -1,4 +1,4 @@
-"""Forward networks as sequences of blocks, and feedback networks built by inverting them (DESIGN.md §1–2).
+"""Forward networks as sequences of blocks, and feedback networks built by inverting them (docs/design.md §2–3).
 
 Pooling indices are explicit values: a forward block returns them next to its output and a feedback
 block takes them as an argument. Nothing is cached inside a module, so calling a block on a perturbed
@@ -166,7 +166,7 @@ class FeedbackBlock(nn.Module):
 def transposed_conv(conv: nn.Conv2d, in_shape: torch.Size) -> nn.ConvTranspose2d:
     """convᵀ mapping conv's output back to in_shape (no batch dim), with a bias only if conv has one.
 
-    The output padding restores the exact input size: stride − 1 on even sizes (DESIGN.md §2), less
+    The output padding restores the exact input size: stride − 1 on even sizes (docs/design.md §3), less
     where the convolution rounded an odd size down.
     """
     output_padding = []

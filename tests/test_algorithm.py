@@ -1,4 +1,4 @@
-"""The math of DESIGN.md §3–4 against hand computations on tiny blocks with fixed noise."""
+"""The math of docs/design.md §4–5 against hand computations on tiny blocks with fixed noise."""
 import copy
 
 import pytest
@@ -285,7 +285,7 @@ def test_ldrl_aligns_a_linear_blocks_feedback_weights_with_the_transposed_forwar
     σ²(−2 tr(VW) + ||V||²), minimised at V = Wᵀ, so training turns G towards the transpose of F.
 
     The block is CIFAR-10's last one (flatten, Linear(512, 10)) with its reference noise 0.08, feedback
-    lr 0.18, momentum 0.9 and 20 iterations per batch of 128 (DESIGN.md §5), for 10 steps. The angle
+    lr 0.18, momentum 0.9 and 20 iterations per batch of 128 (docs/design.md §7), for 10 steps. The angle
     starts near 90° (independent initialisations). It then settles where the SGD noise of lr 0.18 on
     batch 128 holds it: 12.2–12.5° after these 200 iterations for seeds 0–5, and 11.9–12.6° over
     steps 10–30. The bound of 15° sits above that floor, far below the start.
@@ -333,7 +333,7 @@ def float64_block(arch, i, seed=0):
 
 
 def design_formula(f, g, x, dx, dy):
-    """DESIGN.md §3 written out: per noise sample, r = G(y) with F(x)'s indices, dr = G(F(x + dx)) − r with
+    """docs/design.md §4.1 written out: per noise sample, r = G(y) with F(x)'s indices, dr = G(F(x + dx)) − r with
     F(x + dx)'s indices, dr_y = G(y + dy) − r with F(x)'s indices; L = mean over K and batch."""
     total = 0.0
     for k in range(dx.shape[0]):

@@ -1,4 +1,4 @@
-"""Networks and their automatically inverted feedback networks (DESIGN.md §1–2)."""
+"""Networks and their automatically inverted feedback networks (docs/design.md §2–3)."""
 import pytest
 import torch
 from torch import nn

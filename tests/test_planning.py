@@ -14,8 +14,8 @@ from dtp.parallel.layout import Layout
 from dtp.parallel.planning import check_layout, plan_feedback, speedup_bound, split_rows
 from dtp.parallel.protocol import CMD_STEP, Header, Message, send, step_exchange
 
-# The CIFAR-10 profile of DESIGN.md §6 (seconds of feedback training per step, blocks 1–5).
-DESIGN_PROFILE = [6.5, 4.4, 1.9, 2.1, 0.02]
+# The CIFAR-10 profile of docs/design.md §10 (seconds of feedback training per step, blocks 1–5).
+CIFAR10_PROFILE = [6.5, 4.4, 1.9, 2.1, 0.02]
 
 
 def ideal_costs(whole: list[float], most: int) -> dict[int, list[float]]:
@@ -24,34 +24,34 @@ def ideal_costs(whole: list[float], most: int) -> dict[int, list[float]]:
 
 
 def test_plan_without_splitting_balances_whole_blocks_optimally():
-    costs = ideal_costs(DESIGN_PROFILE, 1)
+    costs = ideal_costs(CIFAR10_PROFILE, 1)
     assert plan_feedback(costs, 1, "none").owners == ((0,),) * 5
     for world in (2, 3):
         plan = plan_feedback(costs, world, "none")
-        best = min(max(sum(c for c, o in zip(DESIGN_PROFILE, owners) if o == r) for r in range(world))
-                   for owners in itertools.product(range(world), repeat=len(DESIGN_PROFILE)))
+        best = min(max(sum(c for c, o in zip(CIFAR10_PROFILE, owners) if o == r) for r in range(world))
+                   for owners in itertools.product(range(world), repeat=len(CIFAR10_PROFILE)))
         assert plan.makespan == pytest.approx(best)  # LPT is optimal on this profile
     assert sorted(o for (o,) in plan_feedback(costs, 6, "none").owners) == [1, 2, 3, 4, 5]  # the leader keeps none
 
 
 def test_plan_splits_the_heavy_block_when_whole_blocks_cannot_balance():
-    costs = ideal_costs(DESIGN_PROFILE, 6)
+    costs = ideal_costs(CIFAR10_PROFILE, 6)
     plan = plan_feedback(costs, 6, "auto")
     assert plan.pieces[0] > 1  # block 1 alone caps whole-block plans at 6.5 s
     assert plan.makespan < 0.8 * plan_feedback(costs, 6, "none").makespan
-    assert plan.makespan >= sum(DESIGN_PROFILE) / 6 - 1e-9
+    assert plan.makespan >= sum(CIFAR10_PROFILE) / 6 - 1e-9
     assert plan.feedback_time([costs[m][i] for i, m in enumerate(plan.pieces)]) == pytest.approx(plan.makespan)
     two = plan_feedback(costs, 2, "auto")  # costs for up to 6 parts, but a block has one part per rank at most
-    assert max(two.pieces) <= 2 and two.makespan >= sum(DESIGN_PROFILE) / 2 - 1e-9
+    assert max(two.pieces) <= 2 and two.makespan >= sum(CIFAR10_PROFILE) / 2 - 1e-9
     # Splitting that does not pay (a part costs as much as the whole block) is not chosen.
-    flat = {m: DESIGN_PROFILE for m in range(1, 3)}
+    flat = {m: CIFAR10_PROFILE for m in range(1, 3)}
     assert plan_feedback(flat, 2, "auto").pieces == [1] * 5
     with pytest.raises(UserError, match="at most 11 are useful"):
-        plan_feedback(ideal_costs(DESIGN_PROFILE, 2), 12, "auto")
+        plan_feedback(ideal_costs(CIFAR10_PROFILE, 2), 12, "auto")
 
 
 def test_a_fixed_split_is_kept_and_its_parts_sit_on_distinct_ranks():
-    costs = ideal_costs(DESIGN_PROFILE, 2)
+    costs = ideal_costs(CIFAR10_PROFILE, 2)
     plan = plan_feedback(costs, 3, [2, 2, 1, 1, 1])
     assert plan.pieces == [2, 2, 1, 1, 1]
     assert all(len(set(o)) == len(o) for o in plan.owners)
@@ -71,8 +71,8 @@ def test_the_bound_of_a_whole_block_plan_is_at_least_one(world):
         plan = plan_feedback({1: whole}, world, "none")
         bound = speedup_bound(plan, whole, whole, rest_s=rng.uniform(0.0, 2.0))
         assert bound >= 1.0
-    plan = plan_feedback({1: DESIGN_PROFILE}, 1, "none")
-    assert speedup_bound(plan, DESIGN_PROFILE, DESIGN_PROFILE, 1.0) == pytest.approx(1.0)
+    plan = plan_feedback({1: CIFAR10_PROFILE}, 1, "none")
+    assert speedup_bound(plan, CIFAR10_PROFILE, CIFAR10_PROFILE, 1.0) == pytest.approx(1.0)
 
 
 def test_layout_errors_name_the_fix():
@@ -104,7 +104,7 @@ def test_rows_are_split_on_noise_chunks_and_cover_the_batch():
 
 def two_replicas_of_three():
     """2 replicas × 3 ranks, block 1 split over two ranks of each group, at batch 32."""
-    plan = plan_feedback(ideal_costs(DESIGN_PROFILE, 2), 3, [2, 1, 1, 1, 1])
+    plan = plan_feedback(ideal_costs(CIFAR10_PROFILE, 2), 3, [2, 1, 1, 1, 1])
     return [Layout(6, 2, rank, plan) for rank in range(6)], plan
 
 

@@ -1,4 +1,4 @@
-"""Layer-parallel feedback training under torchrun (DESIGN.md §6): placement and communication only.
+"""Layer-parallel feedback training under torchrun (docs/design.md §10): placement and communication only.
 
     planning.py  which rank trains which part of which block (pure functions)
     costs.py     the start-up measurement the planner works from

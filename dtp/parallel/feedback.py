@@ -124,7 +124,7 @@ class DistributedFeedback:
                 writer.add_scalar(f"parallel/rank{r}_{name}", value, step)
 
     def summary(self) -> dict[str, Any]:
-        """Parallel efficiency and the cost-model bound (DESIGN.md §6) of one layer-parallel group.
+        """Parallel efficiency and the cost-model bound (docs/design.md §10) of one layer-parallel group.
 
         Per-block times are measured in the run; a split block's part time is scaled to a whole block
         with the start-up measurement's ratio. The bound is this plan's feedback time with the measured

@@ -155,7 +155,7 @@ def plan_feedback(costs: Costs, group_size: int, split: str | list[int]) -> Feed
 
 
 def speedup_bound(plan: FeedbackPlan, part_s: list[float], whole_s: list[float], rest_s: float) -> float:
-    """The cost-model bound of DESIGN.md §6 for this plan: sequential time over the plan's time.
+    """The cost-model bound of docs/design.md §10 for this plan: sequential time over the plan's time.
 
     part_s[i−1] is what one part of block i takes under the plan, whole_s[i−1] what the whole block
     takes in one process, rest_s the leader's time outside the feedback phase. With whole blocks
