@@ -23,4 +23,4 @@ test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -m "not slow"
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache *.egg-info

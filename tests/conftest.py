@@ -146,10 +146,15 @@ def feedback_optimizer_state(ckpt: dict) -> list[torch.Tensor]:
     return [t for opt in ckpt["feedback_optimizers"] for t in optimizer_state(opt)]
 
 
+def shapes_npz(folder: Path, **sizes: int) -> Path:
+    """The `shapes` images of seed 0 (make_shapes' n_train, n_test) written in the npz format."""
+    x_train, y_train, x_test, y_test = make_shapes(0, **sizes)
+    path = folder / "shapes.npz"
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_npz(tmp_path_factory) -> Path:
     """64 training and 32 test images in the npz format: 4 steps per epoch at batch size 16."""
-    x_train, y_train, x_test, y_test = make_shapes(0, n_train=64, n_test=32)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
-    return path
+    return shapes_npz(tmp_path_factory.mktemp("data"), n_train=64, n_test=32)

@@ -12,7 +12,8 @@ import torch
 
 from conftest import (
     ROOT, SMOKE, assert_ok, error_lines, event_tags, expect_error, feedback_optimizer_state, free_port, load,
-    max_relative_difference, optimizer_state, run_script, run_torchrun, script_env, script_in_process,
+    max_relative_difference, optimizer_state, run_torchrun, script_env, script_in_process,
+    train_in_process,
 )
 
 pytestmark = pytest.mark.slow
@@ -27,6 +28,13 @@ def smoke_npz(tiny_npz) -> list[str]:
     return ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "2"]
 
 
+def sequential(out: Path, *args: str) -> dict:
+    """train_sequential.py's run in this process (bitwise what the script computes on one thread)."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        train_in_process(monkeypatch, *args, "--out", str(out))
+    return load(out)
+
+
 @pytest.fixture(scope="module")
 def sequential_reference(tmp_path_factory, smoke_npz):
     """The sequential run's checkpoint after 3 steps of smoke_npz with the given extra flags (run once each)."""
@@ -34,9 +42,7 @@ def sequential_reference(tmp_path_factory, smoke_npz):
 
     def reference(*flags: str) -> dict:
         if flags not in runs:
-            out = tmp_path_factory.mktemp("seq")
-            assert_ok(run_script("train_sequential.py", *smoke_npz, "--max-steps", STEPS, *flags, "--out", str(out)))
-            runs[flags] = load(out)
+            runs[flags] = sequential(tmp_path_factory.mktemp("seq"), *smoke_npz, "--max-steps", STEPS, *flags)
         return runs[flags]
 
     return reference
@@ -64,7 +70,8 @@ def assert_bitwise(reference, other):
 
 # Every layout the README says equals sequential, pinned: ranks, layout flags (--split none keeps
 # blocks whole whatever start-up timings say), flags both runs share, and the parts per block the run
-# must report (smoke.yaml has 5 feedback blocks).
+# must report (smoke.yaml has 5 feedback blocks). Whole blocks on 3 ranks are the TP case's and the
+# cross-script test's layout; 2 replicas of 1 rank are the cross-script and SIGUSR1 tests'.
 WHOLE = ["--split", "none"]
 SLOW_FORWARD = ["--set", "forward.lr=0.001"]
 # Tiny ResNet-18 with the published feedback lrs: smoke.yaml's 1e-3 for stage 1 takes steps large enough to
@@ -81,14 +88,12 @@ PARALLEL_DTP = ["--algorithm", "parallel_dtp", "--set", "feedback.iterations=[1,
 LAYOUTS = {
     "whole blocks, 1 rank": (1, WHOLE, [], [1, 1, 1, 1, 1]),
     "whole blocks, 2 ranks": (2, WHOLE, [], [1, 1, 1, 1, 1]),
-    "whole blocks, 3 ranks": (3, WHOLE, [], [1, 1, 1, 1, 1]),
     "whole blocks, 6 ranks": (6, WHOLE, [], [1, 1, 1, 1, 1]),
     "split 2,1,1,1,1 on 2 ranks": (2, ["--split", "2,1,1,1,1"], [], [2, 1, 1, 1, 1]),
     "split 2,2,1,1,1 on 3 ranks": (3, ["--split", "2,2,1,1,1"], [], [2, 2, 1, 1, 1]),
-    "2 replicas of 1 rank": (2, ["--replicas", "2", *WHOLE], [], [1, 1, 1, 1, 1]),
     # 16 rows per replica; block 1's gradient is summed over 4 ranks, 2 in each replica.
-    "2 replicas of 3 ranks, block 1 split, batch 32": (
-        6, ["--replicas", "2", "--split", "2,1,1,1,1"], ["--batch-size", "32"], [2, 1, 1, 1, 1]),
+    "2 replicas of 2 ranks, block 1 split, batch 32": (
+        4, ["--replicas", "2", "--split", "2,1,1,1,1"], ["--batch-size", "32"], [2, 1, 1, 1, 1]),
     # The reconstruction loss trains G's bias too, so a split block sums its gradient as well. Both
     # variants use the published forward lr 1e-3: smoke.yaml's 0.05 sends TP to NaN at step 1.
     "vanilla_dtp, split 2,1,1,1,1 on 2 ranks": (
@@ -135,11 +140,11 @@ def test_parallel_equals_sequential(tmp_path, sequential_reference, smoke_npz, l
 def test_checkpoints_resume_across_scripts_and_world_sizes(tmp_path, tiny_npz):
     common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "2"]
     straight, mixed = tmp_path / "straight", tmp_path / "mixed"
-    assert_ok(run_script("train_sequential.py", *common, "--out", str(straight)))
+    sequential(straight, *common)
     # Parallel with 3 ranks for 3 steps, sequential up to 5, then 2 replicas of 1 rank to the end
     # (the second replica's leader starts from the checkpoint rank 0 read).
     assert_ok(run_torchrun(3, *common, *WHOLE, "--max-steps", "3", "--out", str(mixed)))
-    assert_ok(run_script("train_sequential.py", "--resume", str(mixed), "--max-steps", "5"))
+    sequential(mixed, "--resume", str(mixed), "--max-steps", "5")
     assert load(mixed)["step"] == 5
     assert_ok(run_torchrun(2, "--resume", str(mixed), "--replicas", "2"))
     assert_parity(load(straight), load(mixed))
@@ -257,15 +262,6 @@ def signal_rank_after_first_checkpoint(out: Path, *args: str, nproc: int = 3, ra
     return proc.returncode, stdout, stderr
 
 
-def test_a_dead_rank_ends_the_job_without_a_hang_and_keeps_the_checkpoint(tmp_path, tiny_npz):
-    out = tmp_path / "run"
-    code, _, stderr = signal_rank_after_first_checkpoint(
-        out, "--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "1000", *WHOLE)
-    assert code != 0
-    assert "train_parallel.py FAILED" in stderr
-    assert load(out)["step"] % 4 == 0  # an epoch-end checkpoint, intact and loadable
-
-
 def _running(pid: int) -> bool:
     try:
         return (Path("/proc") / str(pid) / "stat").read_text().split(") ")[1].split()[0] != "Z"
@@ -273,9 +269,10 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_a_rank_that_stops_answering_fails_the_job_after_timeout_s(tmp_path, tiny_npz):
+def test_a_rank_that_stops_answering_fails_the_job_after_timeout_s_and_keeps_the_checkpoint(tmp_path, tiny_npz):
     """A worker frozen by SIGSTOP: the leader's wait for it ends with gloo's timeout after --timeout-s 5,
-    not the default 30 minutes (the test itself would time out first)."""
+    not the default 30 minutes (the test itself would time out first), and the last checkpoint stays.
+    A rank killed outright is the elastic-restart test's case: torchrun sees it at once."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train_parallel.py"), "--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz),
@@ -293,13 +290,14 @@ def test_a_rank_that_stops_answering_fails_the_job_after_timeout_s(tmp_path, tin
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "Application timeout" in stderr, stderr[-3000:]
+    assert load(out)["step"] % 4 == 0  # an epoch-end checkpoint, intact and loadable
 
 
 def test_elastic_restart_after_a_dead_rank_finishes_like_an_uninterrupted_run(tmp_path, tiny_npz):
     """torchrun --max-restarts restarts the group; --resume auto continues from the last checkpoint."""
     common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "6"]
     straight, elastic = tmp_path / "straight", tmp_path / "elastic"
-    assert_ok(run_script("train_sequential.py", *common, "--out", str(straight)))
+    sequential(straight, *common)
     code, _, stderr = signal_rank_after_first_checkpoint(elastic, *common, *WHOLE, "--resume", "auto", restarts=1)
     assert code == 0, stderr[-3000:]
     assert "exitcode: -9" in stderr  # the killed rank was seen, and the restarted group finished
@@ -335,5 +333,5 @@ def test_sigusr1_to_rank_0_stops_every_replica_at_one_step_and_resumes_exactly(t
     assert "SIGUSR1 received: stopped at step" in stdout + stderr
     target = str(load(out)["step"] + 2)
     assert_ok(run_torchrun(2, "--resume", str(out), "--replicas", "2", "--max-steps", target))
-    assert_ok(run_script("train_sequential.py", *common, "--max-steps", target, "--out", str(straight)))
+    sequential(straight, *common, "--max-steps", target)
     assert_parity(load(straight), load(out))

@@ -15,11 +15,10 @@ from conftest import (
 from dtp.trainer import EarlyStopping
 
 
-@pytest.mark.slow
-def test_smoke_run_writes_checkpoint_summary_and_tensorboard(tmp_path):
+def test_smoke_run_writes_checkpoint_summary_and_tensorboard(tmp_path, monkeypatch, tiny_npz):
     out = tmp_path / "run"
-    proc = run_script("train_sequential.py", "--config", SMOKE, "--max-steps", "3", "--out", str(out))
-    assert_ok(proc)
+    train_in_process(monkeypatch, "--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz),
+                     "--max-steps", "3", "--out", str(out))
     summary = json.loads((out / "summary.json").read_text())
     for key in ("val_top1", "val_top5", "steps", "epochs", "wall_time_s", "train_images_per_s"):
         assert key in summary
@@ -28,7 +27,7 @@ def test_smoke_run_writes_checkpoint_summary_and_tensorboard(tmp_path):
     for key in ("forward", "feedback", "step", "epoch", "forward_optimizer", "scheduler", "feedback_optimizers",
                 "rng", "config"):
         assert key in ckpt
-    assert ckpt["step"] == 3 and ckpt["config"]["dataset"] == "shapes"
+    assert ckpt["step"] == 3 and ckpt["config"]["dataset"] == "npz"
     tags = event_tags(out)
     for tag in ("train/loss", "train/top1", "train/forward_lr", "train/images_per_s", "val/top1", "val/top5",
                 "val/loss", "feedback_loss/block1", "forward_loss/block0", "alignment/angle_block1",
@@ -156,7 +155,7 @@ def start_and_signal_when_ready(out, sig: int, *args: str) -> tuple[int, str, st
 
 
 @pytest.mark.slow
-def test_sigusr1_checkpoints_and_resume_continues_exactly(tmp_path, tiny_npz):
+def test_sigusr1_checkpoints_and_resume_continues_exactly(tmp_path, monkeypatch, tiny_npz):
     common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "50"]
     out, straight = tmp_path / "signalled", tmp_path / "straight"
     code, stdout, stderr = start_and_signal_when_ready(out, signal.SIGUSR1, *common)
@@ -165,8 +164,8 @@ def test_sigusr1_checkpoints_and_resume_continues_exactly(tmp_path, tiny_npz):
     stopped_at = load(out)["step"]
     assert 0 < stopped_at < 200
     target = str(stopped_at + 3)
-    assert_ok(run_script("train_sequential.py", "--resume", str(out), "--max-steps", target))
-    assert_ok(run_script("train_sequential.py", *common, "--max-steps", target, "--out", str(straight)))
+    train_in_process(monkeypatch, "--resume", str(out), "--max-steps", target)
+    train_in_process(monkeypatch, *common, "--max-steps", target, "--out", str(straight))
     assert_same_run(load(straight), load(out))
 
 
@@ -339,12 +338,12 @@ def test_a_checkpoint_from_before_the_newer_options_resumes_with_their_defaults(
 
 
 @pytest.mark.slow
-def test_bf16_autocast_is_applied_and_stays_close_to_fp32(tmp_path, tiny_npz):
+def test_bf16_autocast_is_applied_and_stays_close_to_fp32(tmp_path, monkeypatch, tiny_npz):
     """--mixed-precision bf16 computes in bf16 (the weights differ from the fp32 run's) and is the same
     algorithm (within bf16's rounding after 3 steps: 1.5e-2 relative measured on the forward weights)."""
     common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--max-steps", "3"]
     fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
-    assert_ok(run_script("train_sequential.py", *common, "--out", str(fp32)))
+    train_in_process(monkeypatch, *common, "--out", str(fp32))
     assert_ok(run_script("train_sequential.py", *common, "--mixed-precision", "bf16", "--out", str(bf16)))
     a, b = load(fp32), load(bf16)
     assert b["config"]["mixed_precision"] == "bf16"

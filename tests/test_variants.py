@@ -41,7 +41,7 @@ def test_every_algorithm_has_a_pinned_rule():
 
 def run_config(algorithm: str) -> dict:
     iterations = 1 if algorithm == "parallel_dtp" else 2  # parallel_dtp takes one fused step per batch
-    sets = [f"model.channels=[3,4]", f"feedback.iterations=[{iterations},{iterations}]",
+    sets = ["model.channels=[3,4]", f"feedback.iterations=[{iterations},{iterations}]",
             f"feedback.noise={NOISE}", f"feedback.lr=[{FEEDBACK_LR},{FEEDBACK_LR}]", "feedback.momentum=0",
             "feedback.optimizer=sgd", f"feedback.samples={SAMPLES}", "forward.optimizer=sgd", "forward.momentum=0",
             "forward.weight_decay=0", f"forward.lr={FORWARD_LR}", f"forward.beta={BETA}", "seed=3"]
