@@ -23,7 +23,7 @@ from dtp.parallel.feedback import DistributedFeedback, run_worker
 from dtp.parallel.layout import Layout, ProcessGroups, ReplicaGroup, decided_by_leader, init_distributed
 from dtp.parallel.planning import check_layout, format_plan, plan_feedback
 from dtp.runtime import Runtime, autocast_for
-from dtp.trainer import Trainer
+from dtp.trainer import FitResult, Trainer
 
 
 def parse_split(value: str) -> str | list[int]:
@@ -93,7 +93,7 @@ def main() -> None:
         try:
             if resume_state is not None:
                 trainer.load_state_dict(resume_state)
-            summary = trainer.fit(data, run.out_dir if ctx.is_leader else None, args.max_steps)
+            result = trainer.fit(data, run.out_dir if ctx.is_leader else None, args.max_steps)
         except BaseException as exc:
             if isinstance(exc, UserError):
                 report_error(exc, show=ctx.is_leader)  # before the workers are released and can exit
@@ -101,7 +101,7 @@ def main() -> None:
             raise
         feedback.close()
         if ctx.is_leader:
-            report(summary, run.out_dir)
+            report(result, run.out_dir)
     else:
         # Only leaders act on SIGUSR1 (they checkpoint and then release the workers).
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
@@ -113,9 +113,10 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-def report(summary: dict, out_dir) -> None:
-    if "stopped_by" in summary:
+def report(result: FitResult, out_dir) -> None:
+    if result.summary is None:  # stopped by a signal, with a checkpoint to resume from
         return
+    summary = result.summary
     par = summary["parallel"]
     timing = (f", {par['sec_per_step']:.3f} s/step, efficiency {par['efficiency']:.2f}, "
               f"cost-model speed-up bound {par['speedup_bound']:.2f}x" if "sec_per_step" in par else "")

@@ -26,9 +26,10 @@ def main() -> None:
     trainer = sequential_trainer(cfg, network, runtime)
     if run.resume_state is not None:
         trainer.load_state_dict(run.resume_state)
-    summary = trainer.fit(data, run.out_dir, run.max_steps)
-    if "stopped_by" in summary:
+    result = trainer.fit(data, run.out_dir, run.max_steps)
+    if result.summary is None:  # stopped by a signal, with a checkpoint to resume from
         return
+    summary = result.summary
     print(f"done: val top-1 {summary['val_top1']:.4f}, {summary['steps']} steps, "
           f"{summary['wall_time_s']:.1f} s; outputs in {run.out_dir}")
 

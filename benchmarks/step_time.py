@@ -28,12 +28,13 @@ from dtp.config import DEFAULTS, merge
 from dtp.models import DTPNetwork
 from dtp.feedback import make_feedback_optimizers, train_blocks
 from dtp.metrics import peak_rss_mib
+from dtp.optim import build_forward_optimizer
 from dtp.parallel.costs import measure_feedback_costs, time_feedback_iteration
 from dtp.parallel.feedback import DistributedFeedback, run_worker
 from dtp.parallel.layout import Layout, ProcessGroups, decided_by_leader, init_distributed
 from dtp.parallel.planning import FeedbackPlan, format_plan, max_pieces, plan_feedback, split_rows
 from dtp.runtime import Runtime, autocast_for
-from dtp.trainer import build_forward_optimizer, train_step
+from dtp.step import train_step
 
 
 def part_costs(cfg, pieces: int, runtime: Runtime) -> dict[int, list[float]]:

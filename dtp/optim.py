@@ -1,4 +1,5 @@
-"""The optimisers a run may use (SGD with momentum, or Adam as parallel_dtp publishes), with eager state.
+"""The optimisers a run may use (SGD with momentum, or Adam as parallel_dtp publishes), with eager state,
+and the forward weights' optimiser with its learning-rate schedule.
 
 Their per-parameter state is created up front as zeros, which behaves exactly like the lazily created
 state on the first step and lets the parallel trainer ship a block's weights and optimiser state as one
@@ -6,10 +7,12 @@ flat vector from the first step on.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
+
+from dtp.models import DTPNetwork
 
 OPTIMIZERS = ("sgd", "adam")
 # The per-parameter state each optimiser keeps, in the order it travels in a flat state vector.
@@ -39,3 +42,20 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     """Every parameter's state tensors, parameter by parameter in STATE_KEYS order."""
     keys = STATE_KEYS[type(optimizer)]
     return [optimizer.state[p][key] for group in optimizer.param_groups for p in group["params"] for key in keys]
+
+
+def build_forward_optimizer(
+    network: DTPNetwork, cfg: dict[str, Any]
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The forward weights' optimiser (forward.optimizer) and its per-epoch schedule (forward.scheduler);
+    feedback lrs have none."""
+    fwd = cfg["forward"]
+    opt = make_optimizer(network.forward_blocks.parameters(), fwd["optimizer"], fwd["lr"], fwd["momentum"],
+                         fwd["weight_decay"])
+    if fwd["scheduler"] == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=fwd["t_max"], eta_min=fwd["eta_min"])
+    elif fwd["scheduler"] == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=fwd["step_size"], gamma=fwd["gamma"])
+    else:
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+    return opt, sched

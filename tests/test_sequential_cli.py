@@ -12,7 +12,7 @@ from conftest import (
     ROOT, SMOKE, assert_ok, event_tags, expect_error, feedback_optimizer_state, load, max_relative_difference,
     optimizer_state, run_script, scalar_values, script_env, script_in_process, train_in_process,
 )
-from dtp.trainer import EarlyStopping
+from dtp.stopping import EarlyStopping
 
 
 def test_smoke_run_writes_checkpoint_summary_and_tensorboard(tmp_path, monkeypatch, tiny_npz):

@@ -175,7 +175,7 @@ class ProcessGroups:
 
 @dataclass
 class ReplicaGroup:
-    """The training loop's view of the replicas (trainer.DataReplica): its rows, and sums over leaders."""
+    """The training loop's view of the replicas (replica.DataReplica): its rows, and sums over leaders."""
 
     groups: ProcessGroups
 

@@ -1,0 +1,136 @@
+"""One training step and one evaluation, as plain functions: what the training loop repeats.
+
+`train_step` trains on this copy's rows of a batch; `full_batch_figures` turns its figures into the
+full batch's and `check_finite` stops on a NaN before it reaches a checkpoint; `evaluate_network`
+measures the network on a held-out split.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dtp.algorithm import VARIANTS, forward_losses, forward_pass, propagate_targets
+from dtp.data import BatchLoader
+from dtp.errors import TrainingError
+from dtp.feedback import FeedbackPhase
+from dtp.metrics import topk_correct
+from dtp.models import DTPNetwork
+from dtp.replica import DataReplica, WholeBatch
+from dtp.runtime import Runtime
+
+
+@dataclass
+class StepResult:
+    logits: Tensor
+    ce_loss: Tensor
+    forward_losses: list[Tensor] = field(default_factory=list)
+    feedback_losses: list[Tensor] = field(default_factory=list)
+    top1: Tensor | None = None  # fraction correct in the full batch, once figures are reduced
+
+
+def train_step(
+    network: DTPNetwork,
+    forward_opt: torch.optim.Optimizer,
+    feedback: FeedbackPhase | None,
+    x: Tensor,
+    labels: Tensor,
+    cfg: dict[str, Any],
+    step: int,
+    runtime: Runtime,
+    batch_total: int | None = None,
+    replica: DataReplica = WholeBatch(),
+) -> StepResult:
+    """One batch: feedback training, then targets and one forward optimiser step (DTP and its variants), or plain BP.
+
+    x may be one data-parallel copy's rows of a batch of `batch_total` rows: the copies' forward
+    gradients are summed before the step, so every copy takes the full-batch step.
+    """
+    batch_total = batch_total or x.shape[0]
+    algorithm = cfg["algorithm"]
+    if algorithm == "bp":
+        with runtime.autocast():
+            logits = network(x)
+            loss = F.cross_entropy(at_least_fp32(logits), labels)
+        forward_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        forward_opt.step()
+        return StepResult(logits.detach(), loss.detach())
+    blocks = list(network.forward_blocks)
+    with runtime.autocast():
+        outputs, indices = forward_pass(blocks, x)
+    assert feedback is not None
+    # Feedback training gets at least fp32 inputs whatever the autocast, so every FeedbackPhase sees the same tensors.
+    fb_losses = feedback.train([at_least_fp32(h.detach()) for h in outputs[:-1]], step, batch_total)
+    with runtime.autocast():
+        targets = propagate_targets(list(network.feedback_blocks), outputs, indices, labels, cfg["forward"]["beta"],
+                                    VARIANTS[algorithm].difference_targets)
+        block_losses = forward_losses(outputs, targets, batch_total)
+    forward_opt.zero_grad(set_to_none=True)
+    torch.stack(block_losses).sum().backward()
+    replica.all_reduce([p.grad for p in network.forward_blocks.parameters() if p.grad is not None])
+    forward_opt.step()
+    logits = outputs[-1].detach()
+    ce = F.cross_entropy(logits.float(), labels)
+    return StepResult(logits, ce, [l.detach() for l in block_losses], fb_losses)
+
+
+def at_least_fp32(t: Tensor) -> Tensor:
+    """bf16 (autocast) values in fp32; fp32 and fp64 unchanged, so a float64 network computes in float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def full_batch_figures(result: StepResult, labels: Tensor, batch_total: int, stop_requested: bool,
+                       replica: DataReplica) -> bool:
+    """Turn one copy's step figures into the full batch's, in place, and agree on stopping: one collective.
+
+    Every copy then sees the same losses (so a NaN stops all of them) and stops at the same step.
+    """
+    (correct,) = topk_correct(result.logits, labels, (1,))
+    share = labels.numel() / batch_total
+    stats = torch.stack([
+        result.ce_loss.float() * share,
+        correct.float() / batch_total,
+        torch.tensor(float(stop_requested), device=labels.device),
+        *[l.float() for l in result.forward_losses],
+    ])
+    replica.all_reduce([stats])
+    result.ce_loss, result.top1 = stats[0], stats[1]
+    result.forward_losses = list(stats[3:])
+    return bool(stats[2] > 0)
+
+
+def check_finite(result: StepResult, step: int, cfg: dict[str, Any]) -> None:
+    """One host sync per step: stop on NaN/inf before a bad update reaches a checkpoint."""
+    values = torch.stack([result.ce_loss.float(), *[l.float() for l in result.forward_losses + result.feedback_losses]])
+    if bool(torch.isfinite(values).all()):
+        return
+    bad = [i + 1 for i, l in enumerate(result.feedback_losses) if not math.isfinite(float(l))]
+    if bad:
+        lrs = [cfg["feedback"]["lr"][i - 1] for i in bad]
+        hint = f"feedback loss of block(s) {bad} is not finite; lower feedback.lr for them (now {lrs})"
+    else:
+        hint = f"the forward loss is not finite; lower forward.lr (now {cfg['forward']['lr']}) or forward.beta"
+    raise TrainingError(f"NaN/inf loss at step {step}: {hint}. The last checkpoint was left intact.")
+
+
+@torch.no_grad()
+def evaluate_network(network: DTPNetwork, loader: BatchLoader, runtime: Runtime) -> dict[str, float]:
+    """Mean loss, top-1 and top-5 over every example of the loader, summed exactly before dividing."""
+    network.eval()
+    loss, top1, top5, n = torch.zeros(()), torch.zeros(()), torch.zeros(()), 0
+    for x, y in loader.epoch(0):
+        x, y = x.to(runtime.device), y.to(runtime.device)
+        with runtime.autocast():
+            logits = network(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").cpu()
+        c1, c5 = topk_correct(logits, y)
+        top1 += c1.cpu()
+        top5 += c5.cpu()
+        n += y.numel()
+    network.train()
+    return {"loss": float(loss) / n, "top1": float(top1) / n, "top5": float(top5) / n}
