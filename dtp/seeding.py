@@ -2,9 +2,13 @@
 feedback noise drawn from them.
 
 Nothing draws from global RNG state, so a run's randomness does not depend on how it was split
-into processes or resumed.
+into processes or resumed. The one exception, weight initialisation (nn.Module initialisers only draw
+from the global CPU generator), runs inside `global_cpu_rng_seeded`, which leaves that state as it was.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -24,6 +28,18 @@ def seeded_generator(*keys: int, device: torch.device | str = "cpu") -> torch.Ge
     gen = torch.Generator(device=device)
     gen.manual_seed(derive_seed(*keys))
     return gen
+
+@contextmanager
+def global_cpu_rng_seeded(seed: int) -> Iterator[None]:
+    """The global CPU generator seeded with `seed` inside the block, and restored after it.
+
+    Weights initialised inside are exactly those torch.manual_seed(seed) gives (they are built on the
+    CPU), yet building a network changes no random state that anything else draws from.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
 
 def noise_generator(seed: int, block: int, step: int, chunk: int, device: torch.device) -> torch.Generator:
     """The generator rows [8·chunk, 8·chunk + 8) of block `block`'s feedback noise come from at step `step`.
