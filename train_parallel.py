@@ -10,18 +10,25 @@ import argparse
 import os
 import signal
 import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
 
+import torch
 import torch.distributed as dist
 from accelerate.utils import set_seed
 
-from dtp.cli import build_network, build_parser, exit_on_user_error, load_data, resolve_run
+from dtp.cli import Run, build_network, build_parser, exit_on_user_error, load_data, resolve_run
 from dtp.config import to_yaml
+from dtp.data import DatasetSplits
 from dtp.errors import UserError, report_error
 from dtp.feedback import make_feedback_optimizers
+from dtp.models import DTPNetwork
 from dtp.parallel.costs import measure_feedback_costs
 from dtp.parallel.feedback import DistributedFeedback, run_worker
 from dtp.parallel.layout import Layout, ProcessGroups, ReplicaGroup, decided_by_leader, init_distributed
-from dtp.parallel.planning import check_layout, format_plan, plan_feedback
+from dtp.parallel.planning import LEADER, Costs, FeedbackPlan, check_layout, format_plan, plan_feedback
 from dtp.runtime import Runtime, autocast_for
 from dtp.trainer import FitResult, Trainer
 
@@ -47,70 +54,125 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+@dataclass
+class RunStart:
+    """What rank 0 decides before anything is built, from the config, the data and the checkpoint.
+
+    Every rank receives the config, the data's shapes and the most parts a block can have. The run
+    options, data and network stay on rank 0: they are not sent (pickling drops them), because every
+    other rank builds its own network and replica leaders load their own data.
+    """
+
+    cfg: dict[str, Any]
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    most_parts: int
+    run: Run | None = None
+    data: DatasetSplits | None = None
+    network: DTPNetwork | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "run": None, "data": None, "network": None}
+
+
+@dataclass
+class RankSetup:
+    """What every rank has built before it takes its role."""
+
+    cfg: dict[str, Any]
+    network: DTPNetwork
+    optimizers: list[torch.optim.Optimizer]
+    runtime: Runtime
+    groups: ProcessGroups
+    costs: Costs
+
+
+def decide_start(args: argparse.Namespace, world_size: int) -> RunStart:
+    """Rank 0 alone reads the config, the data and the checkpoint, and checks the layout."""
+    run = resolve_run(args)
+    data = load_data(run.cfg)
+    network = build_network(run.cfg, data.input_shape, data.num_classes)
+    if run.cfg["algorithm"] == "bp":
+        raise UserError("--algorithm bp has no feedback phase to parallelise; use train_sequential.py")
+    most = check_layout(run.cfg["batch_size"], network.n_feedback, world_size, args.replicas, args.split)
+    return RunStart(run.cfg, data.input_shape, data.num_classes, most, run, data, network)
+
+
+def choose_plan(start: RunStart, costs: Costs, args: argparse.Namespace,
+                group_size: int) -> tuple[FeedbackPlan, dict[str, Any] | None]:
+    """Rank 0 plans the feedback phase, prints the config and plan, and picks the state replicas resume from."""
+    plan = plan_feedback(costs, group_size, args.split)
+    print(to_yaml(start.cfg), end="")
+    print(f"{args.replicas} replica(s) of {group_size} rank(s)\n{format_plan(plan, costs, group_size)}", flush=True)
+    # Other replica leaders start from the same state: they get the checkpoint, not the file.
+    return plan, start.run.resume_state if args.replicas > 1 else None
+
+
 def main() -> None:
     args = parse_args()
     ctx = init_distributed(args.timeout_s)
-    run = data = network = None
-
-    def resolve() -> tuple:
-        """Rank 0 alone reads the config, the data and the checkpoint, and checks the layout."""
-        nonlocal run, data, network
-        run = resolve_run(args)
-        data = load_data(run.cfg)
-        network = build_network(run.cfg, data.input_shape, data.num_classes)
-        if run.cfg["algorithm"] == "bp":
-            raise UserError("--algorithm bp has no feedback phase to parallelise; use train_sequential.py")
-        most = check_layout(run.cfg["batch_size"], network.n_feedback, ctx.world_size, args.replicas, args.split)
-        return run.cfg, data.input_shape, data.num_classes, most
-
-    cfg, input_shape, num_classes, most = decided_by_leader(ctx, resolve)
-    if not ctx.is_leader:
-        network = build_network(cfg, input_shape, num_classes)
+    start = decided_by_leader(ctx, partial(decide_start, args, ctx.world_size))
+    cfg = start.cfg
+    network = start.network if ctx.is_leader else build_network(cfg, start.input_shape, start.num_classes)
     network.to(ctx.device)
     runtime = Runtime(device=ctx.device, autocast=autocast_for(ctx.device, cfg["mixed_precision"]))
+    costs = measure_feedback_costs(network, cfg, runtime, ctx, args.replicas, start.most_parts)
     group_size = ctx.world_size // args.replicas
-    costs = measure_feedback_costs(network, cfg, runtime, ctx, args.replicas, most)
-
-    def choose_plan() -> tuple:
-        plan = plan_feedback(costs, group_size, args.split)
-        print(to_yaml(cfg), end="")
-        print(f"{args.replicas} replica(s) of {group_size} rank(s)\n{format_plan(plan, costs, group_size)}", flush=True)
-        # Other replica leaders start from the same state: they get the checkpoint, not the file.
-        return plan, run.resume_state if args.replicas > 1 else None
-
-    plan, resume_state = decided_by_leader(ctx, choose_plan)
+    plan, resume_state = decided_by_leader(ctx, partial(choose_plan, start, costs, args, group_size))
     set_seed(cfg["seed"])
-    layout = Layout(ctx.world_size, args.replicas, ctx.rank, plan)
-    groups = ProcessGroups(layout)
-    optimizers = make_feedback_optimizers(network, cfg)
-    if layout.is_replica_leader:
-        if not ctx.is_leader:
-            data = load_data(cfg)
-        else:
-            resume_state = run.resume_state
-        feedback = DistributedFeedback(network, optimizers, cfg, runtime, groups, costs)
-        trainer = Trainer(cfg, network, optimizers, feedback, runtime, ReplicaGroup(groups))
-        try:
-            if resume_state is not None:
-                trainer.load_state_dict(resume_state)
-            result = trainer.fit(data, run.out_dir if ctx.is_leader else None, args.max_steps)
-        except BaseException as exc:
-            if isinstance(exc, UserError):
-                report_error(exc, show=ctx.is_leader)  # before the workers are released and can exit
-            feedback.close(failed=True)
-            raise
-        feedback.close()
-        if ctx.is_leader:
-            report(result, run.out_dir)
+    groups = ProcessGroups(Layout(ctx.world_size, args.replicas, ctx.rank, plan))
+    setup = RankSetup(cfg, network, make_feedback_optimizers(network, cfg), runtime, groups, costs)
+    if ctx.is_leader:
+        run_global_leader(setup, start, args.max_steps)
+    elif groups.layout.is_replica_leader:
+        run_replica_leader(setup, resume_state, args.max_steps)
     else:
-        # Only leaders act on SIGUSR1 (they checkpoint and then release the workers).
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        run_worker(network, optimizers, cfg, runtime, groups)
+        run_worker_rank(setup)
     # On an error no teardown is attempted: torchrun ends the other ranks when this one exits non-zero.
     # Every rank is done communicating before any tears the group down, so no rank's gloo
     # connections close under a peer still using them.
     dist.barrier()
     dist.destroy_process_group()
+
+
+def run_global_leader(setup: RankSetup, start: RunStart, max_steps: int | None) -> None:
+    """Rank 0: lead replica 0 on its own data and checkpoint, write the outputs, and report."""
+    result = lead_replica(setup, start.data, start.run.resume_state, start.run.out_dir, max_steps)
+    report(result, start.run.out_dir)
+
+
+def run_replica_leader(setup: RankSetup, resume_state: dict[str, Any] | None, max_steps: int | None) -> None:
+    """The leader of another replica: train on its own rows of the same batches, writing no outputs."""
+    lead_replica(setup, load_data(setup.cfg), resume_state, None, max_steps)
+
+
+def run_worker_rank(setup: RankSetup) -> None:
+    """Any other rank: train its parts of its feedback blocks until its leader says stop."""
+    # Only leaders act on SIGUSR1 (they checkpoint and then release the workers).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    run_worker(setup.network, setup.optimizers, setup.cfg, setup.runtime, setup.groups)
+
+
+def lead_replica(setup: RankSetup, data: DatasetSplits, resume_state: dict[str, Any] | None,
+                 out_dir: Path | None, max_steps: int | None) -> FitResult:
+    """Run the training loop, with the replica's feedback blocks spread over its ranks; release them at the end.
+
+    A UserError is printed (by rank 0 only) before the workers are released, since they exit then.
+    """
+    feedback = DistributedFeedback(setup.network, setup.optimizers, setup.cfg, setup.runtime, setup.groups,
+                                   setup.costs)
+    trainer = Trainer(setup.cfg, setup.network, setup.optimizers, feedback, setup.runtime, ReplicaGroup(setup.groups))
+    try:
+        if resume_state is not None:
+            trainer.load_state_dict(resume_state)
+        result = trainer.fit(data, out_dir, max_steps)
+    except BaseException as exc:
+        if isinstance(exc, UserError):
+            report_error(exc, show=setup.groups.layout.rank == LEADER)
+        feedback.close(failed=True)
+        raise
+    feedback.close()
+    return result
 
 
 def report(result: FitResult, out_dir) -> None:

@@ -22,7 +22,6 @@ import time
 
 import torch
 
-from dtp.algorithm import noise_generator
 from dtp.diagnostics import weight_alignment
 from dtp.config import DEFAULTS, merge
 from dtp.models import DTPNetwork
@@ -34,6 +33,7 @@ from dtp.parallel.feedback import DistributedFeedback, run_worker
 from dtp.parallel.layout import Layout, ProcessGroups, decided_by_leader, init_distributed
 from dtp.parallel.planning import FeedbackPlan, format_plan, max_pieces, plan_feedback, split_rows
 from dtp.runtime import Runtime, autocast_for
+from dtp.seeding import noise_generator
 from dtp.step import train_step
 
 

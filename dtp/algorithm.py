@@ -5,7 +5,7 @@ Each target-propagation algorithm is a feedback loss and a target rule (VARIANTS
 """
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,52 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dtp.hooks import AllReduce, Autocast
 from dtp.models import FeedbackBlock, ForwardBlock, Indices
-from dtp.seeding import seeded_generator
-
-Autocast = Callable[[], AbstractContextManager]
-AllReduce = Callable[[list[Tensor]], None]  # sums tensors in place over the processes sharing a block
-FEEDBACK_NOISE_STREAM = 1
-
-
-NOISE_CHUNK_ROWS = 8
-
-
-def noise_generator(seed: int, block: int, step: int, chunk: int, device: torch.device) -> torch.Generator:
-    """The generator rows [8·chunk, 8·chunk + 8) of block `block`'s feedback noise come from at step `step`.
-
-    It depends on nothing but (run seed, block, step, chunk), so the order in which blocks are trained,
-    the rank that trains them, how the batch is split and whether the run was resumed never change the
-    noise (docs/design.md §9).
-    """
-    return seeded_generator(FEEDBACK_NOISE_STREAM, seed, block, step, chunk, device=device)
-
-
-class BlockNoise:
-    """Feedback noise of one block at one step, for rows [start, stop) of the full batch.
-
-    The full batch's noise is drawn in chunks of NOISE_CHUNK_ROWS rows, each from its own generator, and
-    every iteration draws dx then dy from each. A process training only some rows (a split block, a
-    data-parallel replica) draws exactly its rows of the full-batch noise and nothing else, so
-    splitting the batch never changes the math and costs no extra random numbers.
-    """
-
-    def __init__(self, seed: int, block: int, step: int, rows: slice, device: torch.device) -> None:
-        start, stop = rows.start, rows.stop
-        if start % NOISE_CHUNK_ROWS:
-            raise ValueError(f"noise rows must start on a multiple of {NOISE_CHUNK_ROWS}, got {start}")
-        self.chunks = [
-            (min(NOISE_CHUNK_ROWS, stop - first), noise_generator(seed, block, step, first // NOISE_CHUNK_ROWS, device))
-            for first in range(start, stop, NOISE_CHUNK_ROWS)
-        ]
-
-    def draw(self, samples: int, x: Tensor, y: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
-        """dx (K×rows×x-shape) and dy (K×rows×y-shape) for the next iteration, scaled by sigma."""
-        dx, dy = [], []
-        for rows, gen in self.chunks:
-            dx.append(torch.randn((samples, rows, *x.shape[1:]), generator=gen, device=x.device, dtype=x.dtype))
-            dy.append(torch.randn((samples, rows, *y.shape[1:]), generator=gen, device=y.device, dtype=y.dtype))
-        return sigma * torch.cat(dx, 1), sigma * torch.cat(dy, 1)
+from dtp.seeding import BlockNoise
 
 
 def _sum_per_sample(t: Tensor) -> Tensor:

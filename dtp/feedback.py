@@ -14,10 +14,12 @@ import torch
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from dtp.algorithm import VARIANTS, AllReduce, BlockNoise, train_feedback_block
+from dtp.algorithm import VARIANTS, train_feedback_block
+from dtp.hooks import BlockShard
 from dtp.models import DTPNetwork
 from dtp.optim import make_optimizer
 from dtp.runtime import Runtime
+from dtp.seeding import BlockNoise
 
 
 class FeedbackPhase(Protocol):
@@ -33,14 +35,6 @@ class FeedbackPhase(Protocol):
 
     def close(self) -> None:
         """Release workers, if any."""
-
-
-@dataclass(frozen=True)
-class BlockShard:
-    """The rows of the full batch a process trains one feedback block on, and the sum over the parts."""
-
-    rows: slice
-    all_reduce: AllReduce | None
 
 
 def make_feedback_optimizers(network: DTPNetwork, cfg: dict[str, Any]) -> list[torch.optim.Optimizer]:

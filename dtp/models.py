@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dtp.errors import ConfigError
+from dtp.seeding import global_cpu_rng_seeded
 
 Indices = list[Tensor]
 
@@ -285,8 +286,8 @@ class DTPNetwork(nn.Module):
 
     def __init__(self, model_cfg: dict[str, Any], in_shape: tuple[int, int, int], n_classes: int, seed: int) -> None:
         super().__init__()
-        torch.manual_seed(seed)
-        self.forward_blocks = nn.ModuleList(build_forward(model_cfg, in_shape, n_classes))
+        with global_cpu_rng_seeded(seed):
+            self.forward_blocks = nn.ModuleList(build_forward(model_cfg, in_shape, n_classes))
         shapes = [torch.Size(in_shape)]
         x = torch.zeros((1, *in_shape))
         with torch.no_grad():
@@ -296,10 +297,10 @@ class DTPNetwork(nn.Module):
         self.block_input_shapes = shapes[:-1]
         self.block_output_shapes = shapes[1:]
         # Feedback weights get their own initialisation stream, independent of the forward weights.
-        torch.manual_seed(seed + 1)
-        self.feedback_blocks = nn.ModuleList(
-            invert_block(block, shape) for block, shape in zip(self.forward_blocks, self.block_input_shapes)
-        )
+        with global_cpu_rng_seeded(seed + 1):
+            self.feedback_blocks = nn.ModuleList(
+                invert_block(block, shape) for block, shape in zip(self.forward_blocks, self.block_input_shapes)
+            )
 
     @torch.no_grad()
     def init_feedback_symmetric(self) -> None:

@@ -7,7 +7,7 @@ from functools import partial
 
 import torch
 
-from dtp.algorithm import Autocast
+from dtp.hooks import Autocast
 
 
 @dataclass

@@ -70,7 +70,12 @@ class Trainer:
         return self._log
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything a checkpoint holds; `load_state_dict` continues from it exactly."""
+        """Everything a checkpoint holds; `load_state_dict` continues from it exactly.
+
+        Nothing draws from the global generator (dtp.seeding), so "rng" is not needed to continue; it is
+        kept, and restored, so that checkpoints keep their keys and a resumed process starts from the
+        global state the interrupted one had.
+        """
         return {
             "forward": self.network.forward_blocks.state_dict(),
             "feedback": self.network.feedback_blocks.state_dict(),
@@ -98,6 +103,8 @@ class Trainer:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise UserError(f"--resume: the checkpoint does not match this model/config ({exc})") from None
         self.step, self.wall_before = state["step"], state.get("wall_time_s", 0.0)
+        if "rng" in state:
+            torch.set_rng_state(state["rng"]["torch"])
         early = state.get("early_stopping", {})  # checkpoints from before early stopping have none
         self.early_stopping.best = early.get("best", -math.inf)
         self.early_stopping.bad_evaluations = early.get("bad_evaluations", 0)

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtp.algorithm import (
-    BlockNoise,
     affine_tail_feedback_loss,
     feedback_loss,
     forward_losses,
@@ -23,6 +22,7 @@ from dtp.diagnostics import weight_alignment
 from dtp.models import DTPNetwork, ForwardBlock, invert_block
 from dtp.feedback import LocalFeedback, make_feedback_optimizers
 from dtp.runtime import Runtime
+from dtp.seeding import BlockNoise
 
 
 def tiny_conv_block(seed=0):

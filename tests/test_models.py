@@ -7,7 +7,7 @@ from conftest import ROOT, load, train_in_process
 from dtp.config import DEFAULTS, load_yaml, merge, validate
 from dtp.diagnostics import weight_alignment
 from dtp.errors import ConfigError
-from dtp.models import BasicBlock, DTPNetwork, InvertedBasicBlock
+from dtp.models import BasicBlock, DTPNetwork, InvertedBasicBlock, build_forward, invert_block
 
 
 @pytest.mark.parametrize(
@@ -70,6 +70,24 @@ def test_feedback_weights_start_unaligned_with_the_transposed_forward_weights():
         angle, _ = weight_alignment(net.forward_blocks[i], net.feedback_blocks[i])
         assert 70.0 < angle < 110.0, (i, angle)
 
+
+
+def test_building_a_network_leaves_the_global_rng_alone_and_keeps_its_seeded_weights():
+    """The initial weights are those the global generator seeded with seed (forward) and seed + 1
+    (feedback) gives, as before, but the caller's global random state is untouched."""
+    cfg, in_shape = {"arch": "resnet18", "channels": [2, 2, 4, 4], "activation": "elu"}, (3, 9, 11)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    net = DTPNetwork(cfg, in_shape, 10, seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(7)
+    forward = build_forward(cfg, in_shape, 10)
+    torch.manual_seed(8)
+    feedback = [invert_block(block, shape) for block, shape in zip(forward, net.block_input_shapes)]
+    expected = [t for block in forward + feedback for t in block.state_dict().values()]
+    built = [t for blocks in (net.forward_blocks, net.feedback_blocks) for block in blocks
+             for t in block.state_dict().values()]
+    assert len(built) == len(expected) and all(torch.equal(a, b) for a, b in zip(built, expected))
 
 def test_network_that_does_not_fit_the_input_is_a_clear_error():
     with pytest.raises(ConfigError, match="does not fit 32x32 inputs.*at most 5"):

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 
 from conftest import SMOKE
 from dtp import config as config_lib
-from dtp.algorithm import BlockNoise
 from dtp.cli import build_network, sequential_trainer
 from dtp.models import DTPNetwork
 from dtp.runtime import Runtime
+from dtp.seeding import BlockNoise
 
 # What each algorithm is: (the feedback weights' loss, the target rule). None: no feedback weights.
 RULES = {

@@ -9,11 +9,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dtp.algorithm import VARIANTS, AllReduce, BlockNoise, train_feedback_block
+from dtp.algorithm import VARIANTS, train_feedback_block
+from dtp.hooks import AllReduce
 from dtp.models import DTPNetwork
 from dtp.parallel.layout import DistContext, all_reduce_flat
 from dtp.parallel.planning import LEADER, Costs, split_rows
 from dtp.runtime import Runtime, synchronize
+from dtp.seeding import BlockNoise
 
 
 def time_feedback_iteration(network: DTPNetwork, cfg: dict[str, Any], i: int, rows: slice, runtime: Runtime,

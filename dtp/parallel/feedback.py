@@ -18,7 +18,8 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from dtp.errors import UserError
-from dtp.feedback import BlockShard, train_blocks
+from dtp.feedback import train_blocks
+from dtp.hooks import BlockShard
 from dtp.metrics import peak_rss_mib
 from dtp.models import DTPNetwork
 from dtp.parallel.layout import ProcessGroups

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dtp.errors import UserError, report_error
-from dtp.feedback import BlockShard
+from dtp.hooks import BlockShard
 from dtp.parallel.planning import LEADER, FeedbackPlan, split_rows
 
 

@@ -9,8 +9,8 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from dtp.algorithm import NOISE_CHUNK_ROWS
 from dtp.errors import UserError
+from dtp.seeding import NOISE_CHUNK_ROWS
 
 LEADER = 0
 EXHAUSTIVE_PLANS = 40_000
