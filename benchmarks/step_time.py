@@ -25,7 +25,8 @@ import torch
 from dtp.diagnostics import weight_alignment
 from dtp.config import DEFAULTS, merge
 from dtp.models import DTPNetwork
-from dtp.feedback import make_feedback_optimizers, train_blocks
+from dtp.feedback import BlockSettings, make_feedback_optimizers, train_block
+from dtp.hooks import BlockShard
 from dtp.metrics import peak_rss_mib
 from dtp.optim import build_forward_optimizer
 from dtp.parallel.costs import measure_feedback_costs, time_feedback_iteration
@@ -41,8 +42,9 @@ def part_costs(cfg, pieces: int, runtime: Runtime) -> dict[int, list[float]]:
     """Seconds per step of each block trained on 1/m of the batch, m = 1..pieces, in this one process."""
     network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"])
     batch = slice(0, cfg["batch_size"])
-    return {m: [k * time_feedback_iteration(network, cfg, i, split_rows(batch, m, 0), runtime)
-                for i, k in enumerate(cfg["feedback"]["iterations"], start=1)] for m in range(1, pieces + 1)}
+    settings = [BlockSettings.from_config(cfg, i) for i in range(1, network.n_feedback + 1)]
+    return {m: [s.iterations * time_feedback_iteration(network, s, BlockShard(split_rows(batch, m, 0)), runtime)
+                for s in settings] for m in range(1, pieces + 1)}
 
 
 def split_bounds(cfg, ranks: int, non_feedback_s: float, runtime: Runtime) -> dict:
@@ -90,17 +92,15 @@ class TimedFeedback:
 
     def train(self, block_inputs, step, batch_total):
         losses = []
-        fb = self.cfg["feedback"]
         for i in range(1, self.network.n_feedback + 1):
+            settings, x = BlockSettings.from_config(self.cfg, i), block_inputs[i - 1]
             t0 = time.perf_counter()
             if self.naive:
-                gen = noise_generator(self.cfg["seed"], i, step, 0, self.runtime.device)
-                naive_train_block(self.network, self.optimizers[i - 1], i, block_inputs[i - 1],
-                                  fb["iterations"][i - 1], fb["noise"][i - 1], gen)
+                gen = noise_generator(settings.seed, i, step, 0, self.runtime.device)
+                naive_train_block(self.network, self.optimizers[i - 1], i, x, settings.iterations, settings.sigma, gen)
                 losses.append(torch.zeros(()))
             else:
-                losses.append(train_blocks(self.network, self.optimizers, self.cfg, [i], block_inputs, step,
-                                           self.runtime)[i])
+                losses.append(train_block(self.network, self.optimizers[i - 1], x, step, settings, self.runtime))
             if self.runtime.device.type == "cuda":
                 torch.cuda.synchronize()
             self.block_s[i - 1] += time.perf_counter() - t0
