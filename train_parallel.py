@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import set_seed
 
+from dtp.algorithm import VARIANTS
 from dtp.cli import Run, build_network, build_parser, exit_on_user_error, load_data, resolve_run
 from dtp.config import to_yaml
 from dtp.data import DatasetSplits
@@ -92,8 +93,9 @@ def decide_start(args: argparse.Namespace, world_size: int) -> RunStart:
     run = resolve_run(args)
     data = load_data(run.cfg)
     network = build_network(run.cfg, data.input_shape, data.num_classes)
-    if run.cfg["algorithm"] == "bp":
-        raise UserError("--algorithm bp has no feedback phase to parallelise; use train_sequential.py")
+    if not VARIANTS[run.cfg["algorithm"]].trains_feedback:
+        raise UserError(f"--algorithm {run.cfg['algorithm']} has no feedback phase to parallelise; "
+                        "use train_sequential.py")
     most = check_layout(run.cfg["batch_size"], network.n_feedback, world_size, args.replicas, args.split)
     return RunStart(run.cfg, data.input_shape, data.num_classes, most, run, data, network)
 

@@ -1,7 +1,7 @@
 """The DTP algorithm (docs/design.md §4–5): feedback losses, target propagation and the forward loss.
 
 This is the only place the math lives; the sequential and the parallel trainers both call it.
-Each target-propagation algorithm is a feedback loss and a target rule (VARIANTS).
+Each algorithm is a feedback loss and a target rule, or plain backprop (VARIANTS).
 """
 from __future__ import annotations
 
@@ -137,10 +137,16 @@ FeedbackLoss = Callable[..., Tensor]
 
 @dataclass(frozen=True)
 class Variant:
-    """A target-propagation algorithm: the loss that trains G, and whether targets use differences."""
+    """A training algorithm: the loss that trains G and whether targets use differences, or, without a
+    loss, plain backprop (no feedback weights, no targets)."""
 
-    feedback_loss: FeedbackLoss
+    feedback_loss: FeedbackLoss | None
     difference_targets: bool  # t_{i−1} = h_{i−1} + G(t_i) − G(h_i), else t_{i−1} = G(t_i)
+
+    @property
+    def trains_feedback(self) -> bool:
+        """Whether the algorithm trains feedback weights and propagates targets (every one but backprop)."""
+        return self.feedback_loss is not None
 
 
 VARIANTS = {
@@ -149,6 +155,7 @@ VARIANTS = {
     "tp": Variant(reconstruction_loss, difference_targets=False),
     # One fused L-DRL step per batch (feedback.iterations all 1, several noise samples), Adam in its configs.
     "parallel_dtp": Variant(feedback_loss, difference_targets=True),
+    "bp": Variant(None, difference_targets=False),  # end-to-end backprop of the cross-entropy
 }
 
 
