@@ -63,7 +63,7 @@ class BlockSettings:
     def from_config(cls, cfg: dict[str, Any], i: int) -> BlockSettings:
         fb = cfg["feedback"]
         return cls(i, fb["iterations"][i - 1], fb["noise"][i - 1], fb["samples"],
-                   VARIANTS[cfg["algorithm"]].feedback_loss, cfg["seed"])
+                   VARIANTS[cfg["algorithm"]].loss_fn, cfg["seed"])
 
 
 def train_block(

@@ -41,8 +41,9 @@ def time_feedback_iteration(network: DTPNetwork, settings: BlockSettings, shard:
 
 
 def measure_feedback_costs(network: DTPNetwork, cfg: dict[str, Any], runtime: Runtime, ctx: DistContext,
-                           replicas: int, pieces: int) -> Costs:
-    """Seconds one batch of feedback training takes per block when its rows are split m ways, m = 1..pieces.
+                           replicas: int, max_pieces: int) -> Costs:
+    """Seconds one batch of feedback training takes per block when its rows are split m ways,
+    m = 1..max_pieces.
 
     Collective: every rank calls it. For each block and m, the ranks of every replica form teams of m
     that each train a part of the replica's rows at once, summing gradients as in a run, so a cost
@@ -53,7 +54,7 @@ def measure_feedback_costs(network: DTPNetwork, cfg: dict[str, Any], runtime: Ru
     replica, local = divmod(ctx.rank, group_size)
     replica_rows = split_rows(slice(0, cfg["batch_size"]), replicas, replica)
     teams: dict[int, tuple[int, dist.ProcessGroup | None] | None] = {}
-    for m in range(1, pieces + 1):
+    for m in range(1, max_pieces + 1):
         teams[m] = None
         for t in range(group_size // m):
             ranks = [r * group_size + t * m + j for r in range(replicas) for j in range(m)]
