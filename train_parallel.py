@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from accelerate.utils import set_seed
 
+from dtp.algorithm import VARIANTS
 from dtp.cli import Run, build_network, build_parser, exit_on_user_error, load_data, resolve_run
 from dtp.config import to_yaml
 from dtp.data import DatasetSplits
@@ -66,7 +67,7 @@ class RunStart:
     cfg: dict[str, Any]
     input_shape: tuple[int, int, int]
     num_classes: int
-    most_parts: int
+    max_pieces: int
     run: Run | None = None
     data: DatasetSplits | None = None
     network: DTPNetwork | None = None
@@ -92,10 +93,11 @@ def decide_start(args: argparse.Namespace, world_size: int) -> RunStart:
     run = resolve_run(args)
     data = load_data(run.cfg)
     network = build_network(run.cfg, data.input_shape, data.num_classes)
-    if run.cfg["algorithm"] == "bp":
-        raise UserError("--algorithm bp has no feedback phase to parallelise; use train_sequential.py")
-    most = check_layout(run.cfg["batch_size"], network.n_feedback, world_size, args.replicas, args.split)
-    return RunStart(run.cfg, data.input_shape, data.num_classes, most, run, data, network)
+    if not VARIANTS[run.cfg["algorithm"]].trains_feedback:
+        raise UserError(f"--algorithm {run.cfg['algorithm']} has no feedback phase to parallelise; "
+                        "use train_sequential.py")
+    max_pieces = check_layout(run.cfg["batch_size"], network.n_feedback, world_size, args.replicas, args.split)
+    return RunStart(run.cfg, data.input_shape, data.num_classes, max_pieces, run, data, network)
 
 
 def choose_plan(start: RunStart, costs: Costs, args: argparse.Namespace,
@@ -116,7 +118,7 @@ def main() -> None:
     network = start.network if ctx.is_leader else build_network(cfg, start.input_shape, start.num_classes)
     network.to(ctx.device)
     runtime = Runtime(device=ctx.device, autocast=autocast_for(ctx.device, cfg["mixed_precision"]))
-    costs = measure_feedback_costs(network, cfg, runtime, ctx, args.replicas, start.most_parts)
+    costs = measure_feedback_costs(network, cfg, runtime, ctx, args.replicas, start.max_pieces)
     group_size = ctx.world_size // args.replicas
     plan, resume_state = decided_by_leader(ctx, partial(choose_plan, start, costs, args, group_size))
     set_seed(cfg["seed"])

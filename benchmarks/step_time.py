@@ -25,24 +25,26 @@ import torch
 from dtp.diagnostics import weight_alignment
 from dtp.config import DEFAULTS, merge
 from dtp.models import DTPNetwork
-from dtp.feedback import make_feedback_optimizers, train_blocks
+from dtp.feedback import BlockSettings, make_feedback_optimizers, train_block
+from dtp.hooks import BlockShard
 from dtp.metrics import peak_rss_mib
 from dtp.optim import build_forward_optimizer
 from dtp.parallel.costs import measure_feedback_costs, time_feedback_iteration
 from dtp.parallel.feedback import DistributedFeedback, run_worker
 from dtp.parallel.layout import Layout, ProcessGroups, decided_by_leader, init_distributed
-from dtp.parallel.planning import FeedbackPlan, format_plan, max_pieces, plan_feedback, split_rows
+from dtp.parallel.planning import FeedbackPlan, format_plan, max_pieces_for, plan_feedback, split_rows
 from dtp.runtime import Runtime, autocast_for
 from dtp.seeding import noise_generator
 from dtp.step import train_step
 
 
-def part_costs(cfg, pieces: int, runtime: Runtime) -> dict[int, list[float]]:
-    """Seconds per step of each block trained on 1/m of the batch, m = 1..pieces, in this one process."""
+def part_costs(cfg, max_pieces: int, runtime: Runtime) -> dict[int, list[float]]:
+    """Seconds per step of each block trained on 1/m of the batch, m = 1..max_pieces, in this one process."""
     network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"])
     batch = slice(0, cfg["batch_size"])
-    return {m: [k * time_feedback_iteration(network, cfg, i, split_rows(batch, m, 0), runtime)
-                for i, k in enumerate(cfg["feedback"]["iterations"], start=1)] for m in range(1, pieces + 1)}
+    settings = [BlockSettings.from_config(cfg, i) for i in range(1, network.n_feedback + 1)]
+    return {m: [s.iterations * time_feedback_iteration(network, s, BlockShard(split_rows(batch, m, 0)), runtime)
+                for s in settings] for m in range(1, max_pieces + 1)}
 
 
 def split_bounds(cfg, ranks: int, non_feedback_s: float, runtime: Runtime) -> dict:
@@ -51,7 +53,7 @@ def split_bounds(cfg, ranks: int, non_feedback_s: float, runtime: Runtime) -> di
     From per-part costs measured in this one process: the gradient sums and the contention between
     ranks of a real run are not in them, so these are upper bounds.
     """
-    costs = part_costs(cfg, max_pieces(cfg["batch_size"], 1, ranks), runtime)
+    costs = part_costs(cfg, max_pieces_for(cfg["batch_size"], 1, ranks), runtime)
     sequential = sum(costs[1]) + non_feedback_s
     result = {"ranks": ranks, "block_cost_s_by_parts": {str(m): c for m, c in costs.items()}}
     for split in ("none", "auto"):
@@ -90,17 +92,15 @@ class TimedFeedback:
 
     def train(self, block_inputs, step, batch_total):
         losses = []
-        fb = self.cfg["feedback"]
         for i in range(1, self.network.n_feedback + 1):
+            settings, x = BlockSettings.from_config(self.cfg, i), block_inputs[i - 1]
             t0 = time.perf_counter()
             if self.naive:
-                gen = noise_generator(self.cfg["seed"], i, step, 0, self.runtime.device)
-                naive_train_block(self.network, self.optimizers[i - 1], i, block_inputs[i - 1],
-                                  fb["iterations"][i - 1], fb["noise"][i - 1], gen)
+                gen = noise_generator(settings.seed, i, step, 0, self.runtime.device)
+                naive_train_block(self.network, self.optimizers[i - 1], i, x, settings.iterations, settings.sigma, gen)
                 losses.append(torch.zeros(()))
             else:
-                losses.append(train_blocks(self.network, self.optimizers, self.cfg, [i], block_inputs, step,
-                                           self.runtime)[i])
+                losses.append(train_block(self.network, self.optimizers[i - 1], x, step, settings, self.runtime))
             if self.runtime.device.type == "cuda":
                 torch.cuda.synchronize()
             self.block_s[i - 1] += time.perf_counter() - t0
@@ -143,7 +143,7 @@ def parallel_worker(args, cfg) -> None:
     runtime = Runtime(ctx.device)
     network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"]).to(ctx.device)
     optimizers = make_feedback_optimizers(network, cfg)
-    costs = measure_feedback_costs(network, cfg, runtime, ctx, 1, max_pieces(cfg["batch_size"], 1, ctx.world_size))
+    costs = measure_feedback_costs(network, cfg, runtime, ctx, 1, max_pieces_for(cfg["batch_size"], 1, ctx.world_size))
 
     def choose_plan() -> FeedbackPlan:  # from rank 0's measurements; every rank gets the leader's plan
         plan = plan_feedback(costs, ctx.world_size, args.split)

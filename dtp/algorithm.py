@@ -1,7 +1,7 @@
 """The DTP algorithm (docs/design.md §4–5): feedback losses, target propagation and the forward loss.
 
 This is the only place the math lives; the sequential and the parallel trainers both call it.
-Each target-propagation algorithm is a feedback loss and a target rule (VARIANTS).
+Each algorithm is a feedback loss and a target rule, or plain backprop (VARIANTS).
 """
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def feedback_loss(
     Blocks whose G has an affine tail take the two-pass form, any other block (a ResNet stage, a
     block with several parametric layers) the three-call form; both are the math of docs/design.md §4.1–4.2.
     """
-    loss_fn = general_feedback_loss if feedback_block.tail_start is None else affine_tail_feedback_loss
-    return loss_fn(forward_block, feedback_block, x, y, indices, dx, dy, batch_total)
+    form = general_feedback_loss if feedback_block.tail_start is None else affine_tail_feedback_loss
+    return form(forward_block, feedback_block, x, y, indices, dx, dy, batch_total)
 
 
 def _ldrl(dx: Tensor, dr: Tensor, dr_y: Tensor, rows: int) -> Tensor:
@@ -137,10 +137,16 @@ FeedbackLoss = Callable[..., Tensor]
 
 @dataclass(frozen=True)
 class Variant:
-    """A target-propagation algorithm: the loss that trains G, and whether targets use differences."""
+    """A training algorithm: the loss that trains G and whether targets use differences, or, without a
+    loss, plain backprop (no feedback weights, no targets)."""
 
-    feedback_loss: FeedbackLoss
+    loss_fn: FeedbackLoss | None  # what trains G, the `loss_fn` of train_feedback_block
     difference_targets: bool  # t_{i−1} = h_{i−1} + G(t_i) − G(h_i), else t_{i−1} = G(t_i)
+
+    @property
+    def trains_feedback(self) -> bool:
+        """Whether the algorithm trains feedback weights and propagates targets (every one but backprop)."""
+        return self.loss_fn is not None
 
 
 VARIANTS = {
@@ -149,6 +155,7 @@ VARIANTS = {
     "tp": Variant(reconstruction_loss, difference_targets=False),
     # One fused L-DRL step per batch (feedback.iterations all 1, several noise samples), Adam in its configs.
     "parallel_dtp": Variant(feedback_loss, difference_targets=True),
+    "bp": Variant(None, difference_targets=False),  # end-to-end backprop of the cross-entropy
 }
 
 
@@ -168,7 +175,7 @@ def train_feedback_block(
 ) -> Tensor:
     """k_i SGD steps on L_i for one block; returns the mean loss over the iterations (a tensor: no host sync).
 
-    L_i is `loss_fn` (L-DRL unless given, e.g. a Variant's feedback_loss).
+    L_i is `loss_fn` (L-DRL unless given, e.g. a Variant's loss_fn).
 
     When x is this process's rows of a split batch, `all_reduce` sums the parts' gradients every
     iteration (and the loss at the end), so every part takes the full-batch step.

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dtp import config as config_lib
+from dtp.algorithm import VARIANTS
 from dtp.checkpoint import CHECKPOINT, load_checkpoint
 from dtp.data import DATASETS, DatasetSplits, load_dataset
 from dtp.errors import UserError, report_error
@@ -71,7 +72,7 @@ def resolve_run(args: argparse.Namespace) -> Run:
 def build_network(cfg: dict[str, Any], input_shape: tuple[int, int, int], num_classes: int) -> DTPNetwork:
     """The network for this data, with per-block lists checked against its number of feedback blocks."""
     network = DTPNetwork(cfg["model"], input_shape, num_classes, cfg["seed"])
-    if cfg["algorithm"] != "bp":
+    if VARIANTS[cfg["algorithm"]].trains_feedback:
         config_lib.check_block_lists(cfg, network.n_feedback)
     if cfg["feedback"]["init_symmetric"]:
         network.init_feedback_symmetric()
@@ -80,7 +81,7 @@ def build_network(cfg: dict[str, Any], input_shape: tuple[int, int, int], num_cl
 
 def sequential_trainer(cfg: dict[str, Any], network: DTPNetwork, runtime: Runtime) -> Trainer:
     """The Trainer train_sequential.py runs: every feedback block trained in this process (none for bp)."""
-    if cfg["algorithm"] == "bp":
+    if not VARIANTS[cfg["algorithm"]].trains_feedback:
         return Trainer(cfg, network, [], None, runtime)
     feedback_optimizers = make_feedback_optimizers(network, cfg)
     return Trainer(cfg, network, feedback_optimizers, LocalFeedback(network, feedback_optimizers, cfg, runtime), runtime)

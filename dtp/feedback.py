@@ -3,7 +3,7 @@
 The training loop hands the block inputs to a FeedbackPhase and gets the trained feedback weights
 back in its own modules; it does not know where the blocks were trained. LocalFeedback trains them
 all in this process; dtp.parallel.feedback.DistributedFeedback spreads them over ranks. Both train a
-block with the same `train_blocks`.
+block with the same `train_block`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
-from dtp.algorithm import VARIANTS, train_feedback_block
+from dtp.algorithm import VARIANTS, FeedbackLoss, train_feedback_block
 from dtp.hooks import BlockShard
 from dtp.models import DTPNetwork
 from dtp.optim import make_optimizer
@@ -47,6 +47,57 @@ def make_feedback_optimizers(network: DTPNetwork, cfg: dict[str, Any]) -> list[t
     ]
 
 
+@dataclass(frozen=True)
+class BlockSettings:
+    """What the config says about training feedback block `block`, read in one place so that every
+    trainer of a block (sequential, a parallel rank, the cost measurement, the benchmark) reads it alike."""
+
+    block: int
+    iterations: int
+    sigma: float
+    samples: int
+    loss_fn: FeedbackLoss
+    seed: int
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], i: int) -> BlockSettings:
+        fb = cfg["feedback"]
+        return cls(i, fb["iterations"][i - 1], fb["noise"][i - 1], fb["samples"],
+                   VARIANTS[cfg["algorithm"]].loss_fn, cfg["seed"])
+
+
+def train_block(
+    network: DTPNetwork,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    step: int,
+    settings: BlockSettings,
+    runtime: Runtime,
+    shard: BlockShard | None = None,
+) -> Tensor:
+    """Train feedback block `settings.block` on x, this process's rows (`shard`; default all of them) of
+    the step's input; return its mean loss over the full batch.
+
+    The noise depends only on (seed, block, step, rows), so every trainer of a block draws the same.
+    """
+    shard = shard or BlockShard(slice(0, x.shape[0]))
+    i = settings.block
+    return train_feedback_block(
+        network.forward_blocks[i],
+        network.feedback_blocks[i],
+        optimizer,
+        x,
+        iterations=settings.iterations,
+        sigma=settings.sigma,
+        samples=settings.samples,
+        noise=BlockNoise(settings.seed, i, step, shard.rows, runtime.device),
+        autocast=runtime.autocast,
+        batch_total=shard.batch_total,
+        all_reduce=shard.all_reduce,
+        loss_fn=settings.loss_fn,
+    )
+
+
 def train_blocks(
     network: DTPNetwork,
     optimizers: list[torch.optim.Optimizer],
@@ -56,32 +107,14 @@ def train_blocks(
     step: int,
     runtime: Runtime,
     batch_total: int | None = None,
-    shards: dict[int, BlockShard] | None = None,
 ) -> dict[int, Tensor]:
-    """Train the given feedback blocks (1-based) one after the other; used by every FeedbackPhase.
-
-    A block listed in `shards` is trained on those rows of a batch of `batch_total` rows, its
-    gradients summed with the other parts every iteration; any other block on its whole input.
-    """
-    fb = cfg["feedback"]
+    """Train the given feedback blocks (1-based) one after the other, each on its whole input h_{i−1},
+    this process's rows of a batch of `batch_total` rows."""
     losses = {}
     for i in blocks:
         x = block_inputs[i - 1]
-        shard = (shards or {}).get(i, BlockShard(slice(0, x.shape[0]), None))
-        losses[i] = train_feedback_block(
-            network.forward_blocks[i],
-            network.feedback_blocks[i],
-            optimizers[i - 1],
-            x,
-            iterations=fb["iterations"][i - 1],
-            sigma=fb["noise"][i - 1],
-            samples=fb["samples"],
-            noise=BlockNoise(cfg["seed"], i, step, shard.rows, runtime.device),
-            autocast=runtime.autocast,
-            batch_total=batch_total,
-            all_reduce=shard.all_reduce,
-            loss_fn=VARIANTS[cfg["algorithm"]].feedback_loss,
-        )
+        shard = BlockShard(slice(0, x.shape[0]), batch_total=batch_total)
+        losses[i] = train_block(network, optimizers[i - 1], x, step, BlockSettings.from_config(cfg, i), runtime, shard)
     return losses
 
 

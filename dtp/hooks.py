@@ -17,7 +17,11 @@ AllReduce = Callable[[list[Tensor]], None]  # sums tensors in place over the pro
 
 @dataclass(frozen=True)
 class BlockShard:
-    """The rows of the full batch a process trains one feedback block on, and the sum over the parts."""
+    """The rows of the full batch a process trains one feedback block on, and the sum over the parts.
+
+    `batch_total` is the full batch's row count, which each part's loss is a share of (None: `rows` are it).
+    """
 
     rows: slice
-    all_reduce: AllReduce | None
+    all_reduce: AllReduce | None = None
+    batch_total: int | None = None

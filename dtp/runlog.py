@@ -11,6 +11,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from dtp import config as config_lib
+from dtp.algorithm import VARIANTS
 from dtp.diagnostics import BackpropComparison, weight_alignment, whole_tensor_angle
 from dtp.feedback import FeedbackPhase
 from dtp.models import DTPNetwork, weight_pairs
@@ -66,7 +67,7 @@ class RunLog:
 
     def alignment_due(self, step: int, last: bool) -> bool:
         """DTP and its variants compare themselves with backprop every log.angles_every steps and at the end."""
-        return self.cfg["algorithm"] != "bp" and (step % self.cfg["log"]["angles_every"] == 0 or last)
+        return VARIANTS[self.cfg["algorithm"]].trains_feedback and (step % self.cfg["log"]["angles_every"] == 0 or last)
 
     def alignment(self, step: int, network: DTPNetwork, comparison: BackpropComparison) -> None:
         """Per block: W against Bᵀ (per-filter angle, distance, whole-tensor angle) and the DTP update

@@ -51,8 +51,8 @@ def train_step(
     gradients are summed before the step, so every copy takes the full-batch step.
     """
     batch_total = batch_total or x.shape[0]
-    algorithm = cfg["algorithm"]
-    if algorithm == "bp":
+    variant = VARIANTS[cfg["algorithm"]]
+    if not variant.trains_feedback:
         with runtime.autocast():
             logits = network(x)
             loss = F.cross_entropy(at_least_fp32(logits), labels)
@@ -68,7 +68,7 @@ def train_step(
     fb_losses = feedback.train([at_least_fp32(h.detach()) for h in outputs[:-1]], step, batch_total)
     with runtime.autocast():
         targets = propagate_targets(list(network.feedback_blocks), outputs, indices, labels, cfg["forward"]["beta"],
-                                    VARIANTS[algorithm].difference_targets)
+                                    variant.difference_targets)
         block_losses = forward_losses(outputs, targets, batch_total)
     forward_opt.zero_grad(set_to_none=True)
     torch.stack(block_losses).sum().backward()

@@ -3,39 +3,35 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dtp.algorithm import VARIANTS, train_feedback_block
-from dtp.hooks import AllReduce
+from dtp.feedback import BlockSettings, train_block
+from dtp.hooks import BlockShard
 from dtp.models import DTPNetwork
 from dtp.parallel.layout import DistContext, all_reduce_flat
 from dtp.parallel.planning import LEADER, Costs, split_rows
 from dtp.runtime import Runtime, synchronize
-from dtp.seeding import BlockNoise
 
 
-def time_feedback_iteration(network: DTPNetwork, cfg: dict[str, Any], i: int, rows: slice, runtime: Runtime,
-                            reduce: AllReduce | None = None, warmup: int = 2, repeats: int = 3) -> float:
-    """Seconds one feedback iteration of block i takes on `rows` of a batch (summing gradients with `reduce`).
+def time_feedback_iteration(network: DTPNetwork, settings: BlockSettings, shard: BlockShard, runtime: Runtime,
+                            warmup: int = 2, repeats: int = 3) -> float:
+    """Seconds one feedback iteration of block `settings.block` takes on `shard`'s rows of its batch.
 
-    Timed on copies of the blocks with random input and lr 0: the run's weights and noise streams are
-    untouched.
+    Timed on a copy of the network with random input, lr 0, seed 0 and step 0: the run's weights and
+    noise streams are untouched.
     """
-    forward_block = copy.deepcopy(network.forward_blocks[i]).to(runtime.device)
-    feedback_block = copy.deepcopy(network.feedback_blocks[i]).to(runtime.device)
-    optimizer = torch.optim.SGD(feedback_block.parameters(), lr=0.0)
-    x = torch.randn((rows.stop - rows.start, *network.block_input_shapes[i]), device=runtime.device)
-    noise = BlockNoise(0, i, 0, rows, runtime.device)
-    fb = cfg["feedback"]
+    copied = copy.deepcopy(network).to(runtime.device)
+    optimizer = torch.optim.SGD(copied.feedback_blocks[settings.block].parameters(), lr=0.0)
+    rows = shard.rows.stop - shard.rows.start
+    x = torch.randn((rows, *network.block_input_shapes[settings.block]), device=runtime.device)
 
     def run(iterations: int) -> None:
-        train_feedback_block(forward_block, feedback_block, optimizer, x, iterations, fb["noise"][i - 1],
-                             fb["samples"], noise, runtime.autocast, cfg["batch_size"], reduce,
-                             VARIANTS[cfg["algorithm"]].feedback_loss)
+        train_block(copied, optimizer, x, 0, replace(settings, iterations=iterations, seed=0), runtime, shard)
         synchronize(runtime.device)
 
     run(warmup)  # allocator and kernel selection
@@ -45,8 +41,9 @@ def time_feedback_iteration(network: DTPNetwork, cfg: dict[str, Any], i: int, ro
 
 
 def measure_feedback_costs(network: DTPNetwork, cfg: dict[str, Any], runtime: Runtime, ctx: DistContext,
-                           replicas: int, pieces: int) -> Costs:
-    """Seconds one batch of feedback training takes per block when its rows are split m ways, m = 1..pieces.
+                           replicas: int, max_pieces: int) -> Costs:
+    """Seconds one batch of feedback training takes per block when its rows are split m ways,
+    m = 1..max_pieces.
 
     Collective: every rank calls it. For each block and m, the ranks of every replica form teams of m
     that each train a part of the replica's rows at once, summing gradients as in a run, so a cost
@@ -57,7 +54,7 @@ def measure_feedback_costs(network: DTPNetwork, cfg: dict[str, Any], runtime: Ru
     replica, local = divmod(ctx.rank, group_size)
     replica_rows = split_rows(slice(0, cfg["batch_size"]), replicas, replica)
     teams: dict[int, tuple[int, dist.ProcessGroup | None] | None] = {}
-    for m in range(1, pieces + 1):
+    for m in range(1, max_pieces + 1):
         teams[m] = None
         for t in range(group_size // m):
             ranks = [r * group_size + t * m + j for r in range(replicas) for j in range(m)]
@@ -72,8 +69,8 @@ def measure_feedback_costs(network: DTPNetwork, cfg: dict[str, Any], runtime: Ru
             if team is not None:
                 t, group = team
                 reduce = None if group is None else partial(all_reduce_flat, group=group)
-                rows = split_rows(replica_rows, m, local - t * m)
-                seconds[0] = time_feedback_iteration(network, cfg, i, rows, runtime, reduce)
+                shard = BlockShard(split_rows(replica_rows, m, local - t * m), reduce, cfg["batch_size"])
+                seconds[0] = time_feedback_iteration(network, BlockSettings.from_config(cfg, i), shard, runtime)
             dist.broadcast(seconds, LEADER)
             costs[m].append(cfg["feedback"]["iterations"][i - 1] * float(seconds))
     for team in teams.values():

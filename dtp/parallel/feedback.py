@@ -3,7 +3,7 @@
 Each replica leader runs the ordinary training loop with a DistributedFeedback as its feedback
 phase; every other rank runs `run_worker`. Per step the leader broadcasts a header, ships each
 worker what `step_exchange` lists, trains its own parts meanwhile and loads what comes back. A
-worker trains its parts with the same `train_blocks` the sequential trainer uses. The leaders
+worker trains its parts with the same `train_block` the sequential trainer uses. The leaders
 therefore always hold the complete state: checkpoints, resume and a change of world size need
 nothing extra.
 """
@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from dtp.errors import UserError
-from dtp.feedback import train_blocks
+from dtp.feedback import BlockSettings, train_block
 from dtp.hooks import BlockShard
 from dtp.metrics import peak_rss_mib
 from dtp.models import DTPNetwork
@@ -31,12 +31,11 @@ from dtp.parallel.protocol import (
 from dtp.runtime import Runtime, synchronize
 
 
-def train_timed(network: DTPNetwork, optimizers: list[torch.optim.Optimizer], cfg: dict[str, Any], i: int, x: Tensor,
-                step: int, runtime: Runtime, batch_total: int, shard: BlockShard) -> tuple[Tensor, float]:
-    """Train this rank's part of feedback block i as the sequential trainer does; return its loss and seconds."""
+def train_timed(network: DTPNetwork, optimizer: torch.optim.Optimizer, x: Tensor, step: int,
+                settings: BlockSettings, runtime: Runtime, shard: BlockShard) -> tuple[Tensor, float]:
+    """Train this rank's part of a feedback block as the sequential trainer does; return its loss and seconds."""
     t0 = time.perf_counter()
-    inputs = [x if j == i else torch.empty(0) for j in range(1, network.n_feedback + 1)]
-    loss = train_blocks(network, optimizers, cfg, [i], inputs, step, runtime, batch_total, {i: shard})[i]
+    loss = train_block(network, optimizer, x, step, settings, runtime, shard)
     synchronize(runtime.device)
     return loss, time.perf_counter() - t0
 
@@ -94,8 +93,8 @@ class DistributedFeedback:
         for i in layout.plan.blocks_of(LEADER):
             x = block_inputs[i - 1][layout.local_rows(i, LEADER, batch_total)]
             shard = self.groups.shard(i, LEADER, batch_total)
-            losses[i], block_s[i - 1] = train_timed(self.network, self.optimizers, self.cfg, i, x, step,
-                                                    self.runtime, batch_total, shard)
+            losses[i], block_s[i - 1] = train_timed(self.network, self.optimizers[i - 1], x, step,
+                                                    BlockSettings.from_config(self.cfg, i), self.runtime, shard)
         wait0 = time.perf_counter()
         for work in pending:
             work.wait()
@@ -200,8 +199,8 @@ def run_worker(network: DTPNetwork, optimizers: list[torch.optim.Optimizer], cfg
             if header.with_state:
                 load_state_vector(network, optimizers[i - 1], i, inbound[("state", i)])
             load_forward_vector(network, i, inbound[("forward", i)])
-            loss, seconds = train_timed(network, optimizers, cfg, i, inbound[("inputs", i)], header.step, runtime,
-                                        header.batch, groups.shard(i, me, header.batch))
+            loss, seconds = train_timed(network, optimizers[i - 1], inbound[("inputs", i)], header.step,
+                                        BlockSettings.from_config(cfg, i), runtime, groups.shard(i, me, header.batch))
             if layout.plan.primary(i) == me:
                 outgoing[("state", i)] = state_vector(network, optimizers[i - 1], i)
                 outgoing[("result", i)] = torch.tensor([loss.item(), seconds], dtype=torch.float64, device=device)

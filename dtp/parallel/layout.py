@@ -170,7 +170,7 @@ class ProcessGroups:
         """The rows `local_rank` of this replica trains block i on, and the gradient sum over its parts."""
         group = self.blocks.get(i)
         reduce = None if group is None else partial(all_reduce_flat, group=group)
-        return BlockShard(self.layout.rows(i, local_rank, batch), reduce)
+        return BlockShard(self.layout.rows(i, local_rank, batch), reduce, batch)
 
 
 @dataclass

@@ -29,7 +29,7 @@ def split_rows(rows: slice, parts: int, index: int) -> slice:
     return slice(rows.start + first * NOISE_CHUNK_ROWS, min(rows.start + last * NOISE_CHUNK_ROWS, rows.stop))
 
 
-def max_pieces(batch_size: int, replicas: int, group_size: int) -> int:
+def max_pieces_for(batch_size: int, replicas: int, group_size: int) -> int:
     """How many parts a block's rows can be split into within one replica: non-empty, whole noise chunks."""
     return max(1, min(group_size, math.ceil(batch_size / NOISE_CHUNK_ROWS) // replicas))
 
@@ -90,32 +90,33 @@ def schedule(pieces: list[int], costs: Costs, group_size: int) -> FeedbackPlan:
     return FeedbackPlan(tuple(owners), tuple(order), max(ready))
 
 
-def check_split(n: int, most: int, group_size: int, split: str | list[int]) -> None:
-    """Reject, before anything is measured, a group size or --split that cannot work for n blocks."""
+def check_split(n: int, max_pieces: int, group_size: int, split: str | list[int]) -> None:
+    """Reject, before anything is measured, a group size or --split that cannot work for n blocks of at most
+    `max_pieces` parts each."""
     if split == "none" and group_size > n + 1:
         raise UserError(f"{group_size} ranks per layer-parallel group but only {n} trainable feedback blocks, so "
                         f"without splitting at most {n + 1} ranks are useful; use --split auto or fewer ranks")
-    if group_size > n * most + 1:
-        raise UserError(f"{group_size} ranks per layer-parallel group but at most {n * most + 1} are useful (a "
-                        f"leader and {most} parts for each of the {n} feedback blocks, as a part needs at least one "
-                        f"{NOISE_CHUNK_ROWS}-row noise chunk of the batch); use fewer ranks, more --replicas or a "
-                        f"larger batch")
-    if isinstance(split, list) and (len(split) != n or not all(1 <= m <= most for m in split)):
-        raise UserError(f"--split needs {n} part counts, one per feedback block, each from 1 to {most}; "
+    if group_size > n * max_pieces + 1:
+        raise UserError(f"{group_size} ranks per layer-parallel group but at most {n * max_pieces + 1} are useful "
+                        f"(a leader and {max_pieces} parts for each of the {n} feedback blocks, as a part needs at "
+                        f"least one {NOISE_CHUNK_ROWS}-row noise chunk of the batch); use fewer ranks, more --replicas "
+                        f"or a larger batch")
+    if isinstance(split, list) and (len(split) != n or not all(1 <= m <= max_pieces for m in split)):
+        raise UserError(f"--split needs {n} part counts, one per feedback block, each from 1 to {max_pieces}; "
                         f"got {','.join(map(str, split))}")
 
 
 def check_layout(batch_size: int, n_feedback: int, world_size: int, replicas: int, split: str | list[int]) -> int:
-    """Reject a world size, replica count or --split that cannot work; return the most parts a block can have."""
+    """Reject a world size, replica count or --split that cannot work; return max_pieces."""
     if replicas < 1 or world_size % replicas:
         raise UserError(f"--replicas {replicas} does not divide the {world_size} ranks started; "
                         f"start a multiple of {replicas} ranks (--nnodes × --nproc_per_node)")
     if replicas > -(-batch_size // NOISE_CHUNK_ROWS):
         raise UserError(f"--replicas {replicas} is more than a batch of {batch_size} has "
                         f"{NOISE_CHUNK_ROWS}-row chunks to share; use fewer replicas or a larger batch")
-    most = max_pieces(batch_size, replicas, world_size // replicas)
-    check_split(n_feedback, most, world_size // replicas, split)
-    return most
+    max_pieces = max_pieces_for(batch_size, replicas, world_size // replicas)
+    check_split(n_feedback, max_pieces, world_size // replicas, split)
+    return max_pieces
 
 
 def plan_feedback(costs: Costs, group_size: int, split: str | list[int]) -> FeedbackPlan:
@@ -127,8 +128,8 @@ def plan_feedback(costs: Costs, group_size: int, split: str | list[int]) -> Feed
     shortens the estimate most, while that gains more than SPLIT_MARGIN. Plans that leave a worker
     idle come last.
     """
-    n, most = len(costs[1]), min(max(costs), group_size)  # a block has at most one part per rank
-    check_split(n, most, group_size, split)
+    n, max_pieces = len(costs[1]), min(max(costs), group_size)  # a block has at most one part per rank
+    check_split(n, max_pieces, group_size, split)
     if isinstance(split, list):
         plan = schedule(split, costs, group_size)
         if plan.idle_workers(group_size):
@@ -138,14 +139,16 @@ def plan_feedback(costs: Costs, group_size: int, split: str | list[int]) -> Feed
     plan = schedule([1] * n, costs, group_size)
     if split == "none":
         return plan
-    if most**n <= EXHAUSTIVE_PLANS:
-        plans = [schedule(list(p), costs, group_size) for p in itertools.product(range(1, most + 1), repeat=n)]
+    if max_pieces**n <= EXHAUSTIVE_PLANS:
+        combinations = itertools.product(range(1, max_pieces + 1), repeat=n)
+        plans = [schedule(list(p), costs, group_size) for p in combinations]
         useful = [p for p in plans if not p.idle_workers(group_size)]
         fastest = min(p.makespan for p in useful)
         close = (p for p in useful if p.makespan <= (1 + SPLIT_MARGIN) * fastest)
         return min(close, key=lambda p: (sum(p.pieces), p.makespan))
     while True:
-        changes = [plan.pieces[:i] + [m] + plan.pieces[i + 1 :] for i in range(n) for m in range(1, most + 1)]
+        changes = [plan.pieces[:i] + [m] + plan.pieces[i + 1 :]
+                   for i in range(n) for m in range(1, max_pieces + 1)]
         best = min((schedule(p, costs, group_size) for p in changes),
                    key=lambda c: (c.idle_workers(group_size), c.makespan))
         gain_needed = (1 - SPLIT_MARGIN) * plan.makespan
