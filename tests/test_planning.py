@@ -111,8 +111,8 @@ def two_replicas_of_three():
 def test_every_row_of_a_block_is_trained_once_over_replicas_and_parts():
     layouts, plan = two_replicas_of_three()
     for i in range(1, 6):
-        rows = sorted((l.rows(i, l.local_rank, 32).start, l.rows(i, l.local_rank, 32).stop)
-                      for l in layouts if i in plan.blocks_of(l.local_rank))
+        rows = sorted((l.rows(i, l.group_rank, 32).start, l.rows(i, l.group_rank, 32).stop)
+                      for l in layouts if i in plan.blocks_of(l.group_rank))
         assert rows[0][0] == 0 and rows[-1][1] == 32
         assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
         assert layouts[0].block_ranks(i) == [o for r in range(2) for o in (3 * r + j for j in plan.owners[i - 1])]

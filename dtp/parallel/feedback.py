@@ -176,7 +176,7 @@ def run_worker(network: DTPNetwork, optimizers: list[torch.optim.Optimizer], cfg
     sends, compute_s the feedback training.
     """
     layout, device = groups.layout, runtime.device
-    me, leader = layout.local_rank, layout.leader
+    me, leader = layout.group_rank, layout.leader
     sending: list = []
     while True:
         t0 = time.perf_counter()

@@ -1,6 +1,6 @@
 """Where each rank sits: joining the torchrun group, the Layout value, and the process groups it needs.
 
-The world is R data-parallel replicas of a G-rank layer-parallel group, rank = replica · G + local
+The world is R data-parallel replicas of a G-rank layer-parallel group, rank = replica · G + group
 rank. Replica r trains rows split_rows(batch, R, r) of every batch; inside it, block i is trained by
 the group-local ranks plan.owners[i−1], each on an equal part of the replica's rows. The ranks
 training block i in all replicas sum its gradients every iteration; the replica leaders sum forward
@@ -27,7 +27,7 @@ from dtp.parallel.planning import LEADER, FeedbackPlan, split_rows
 class DistContext:
     rank: int
     world_size: int
-    local_rank: int
+    local_rank: int  # torchrun's LOCAL_RANK: the rank on this node, which picks the GPU
     device: torch.device
     backend: str
 
@@ -101,7 +101,8 @@ class Layout:
         return self.rank // self.group_size
 
     @property
-    def local_rank(self) -> int:
+    def group_rank(self) -> int:
+        """This rank's place in its layer-parallel group; not torchrun's LOCAL_RANK, which counts per node."""
         return self.rank % self.group_size
 
     @property
@@ -111,7 +112,7 @@ class Layout:
 
     @property
     def is_replica_leader(self) -> bool:
-        return self.local_rank == LEADER
+        return self.group_rank == LEADER
 
     def workers(self) -> list[int]:
         return list(range(1, self.group_size))
@@ -119,14 +120,14 @@ class Layout:
     def replica_rows(self, batch: int) -> slice:
         return split_rows(slice(0, batch), self.replicas, self.replica)
 
-    def rows(self, i: int, local_rank: int, batch: int) -> slice:
-        """The rows of the full batch that `local_rank` of this replica trains block i on."""
+    def rows(self, i: int, group_rank: int, batch: int) -> slice:
+        """The rows of the full batch that `group_rank` of this replica trains block i on."""
         owners = self.plan.owners[i - 1]
-        return split_rows(self.replica_rows(batch), len(owners), owners.index(local_rank))
+        return split_rows(self.replica_rows(batch), len(owners), owners.index(group_rank))
 
-    def local_rows(self, i: int, local_rank: int, batch: int) -> slice:
+    def local_rows(self, i: int, group_rank: int, batch: int) -> slice:
         """The same rows, indexed within this replica's share of the batch."""
-        rows, start = self.rows(i, local_rank, batch), self.replica_rows(batch).start
+        rows, start = self.rows(i, group_rank, batch), self.replica_rows(batch).start
         return slice(rows.start - start, rows.stop - start)
 
     def block_ranks(self, i: int) -> list[int]:
@@ -166,11 +167,11 @@ class ProcessGroups:
                 if layout.rank in ranks:
                     self.blocks[i] = group
 
-    def shard(self, i: int, local_rank: int, batch: int) -> BlockShard:
-        """The rows `local_rank` of this replica trains block i on, and the gradient sum over its parts."""
+    def shard(self, i: int, group_rank: int, batch: int) -> BlockShard:
+        """The rows `group_rank` of this replica trains block i on, and the gradient sum over its parts."""
         group = self.blocks.get(i)
         reduce = None if group is None else partial(all_reduce_flat, group=group)
-        return BlockShard(self.layout.rows(i, local_rank, batch), reduce, batch)
+        return BlockShard(self.layout.rows(i, group_rank, batch), reduce, batch)
 
 
 @dataclass

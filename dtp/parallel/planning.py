@@ -52,8 +52,8 @@ class FeedbackPlan:
     def pieces(self) -> list[int]:
         return [len(o) for o in self.owners]
 
-    def blocks_of(self, local_rank: int) -> list[int]:
-        return [i for i in self.order if local_rank in self.owners[i - 1]]
+    def blocks_of(self, group_rank: int) -> list[int]:
+        return [i for i in self.order if group_rank in self.owners[i - 1]]
 
     def primary(self, i: int) -> int:
         """The rank that reports block i's trained state to the leader (the lowest of its owners)."""
