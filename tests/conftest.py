@@ -1,4 +1,5 @@
-"""Shared helpers: run the real scripts in subprocesses and compare the checkpoints they write."""
+"""Shared helpers: run the scripts (in subprocesses, or their main in this process) and compare the
+checkpoints they write."""
 from __future__ import annotations
 
 import os
