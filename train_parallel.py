@@ -21,26 +21,17 @@ from accelerate.utils import set_seed
 
 from dtp.algorithm import VARIANTS
 from dtp.cli import Run, build_network, build_parser, exit_on_user_error, load_data, resolve_run
-from dtp.config import to_yaml
+from dtp.config import Config, to_yaml
 from dtp.data import DatasetSplits
 from dtp.errors import UserError, report_error
 from dtp.feedback import make_feedback_optimizers
 from dtp.models import DTPNetwork
 from dtp.parallel.costs import measure_feedback_costs
 from dtp.parallel.feedback import DistributedFeedback, run_worker
-from dtp.parallel.layout import Layout, ProcessGroups, ReplicaGroup, decided_by_leader, init_distributed
-from dtp.parallel.planning import LEADER, Costs, FeedbackPlan, check_layout, format_plan, plan_feedback
+from dtp.parallel.layout import MAIN_RANK, Layout, ProcessGroups, ReplicaGroup, decided_on_main_rank, init_distributed
+from dtp.parallel.planning import Costs, FeedbackPlan, check_layout, format_plan, parse_split, plan_feedback
 from dtp.runtime import Runtime, autocast_for
 from dtp.trainer import FitResult, Trainer
-
-
-def parse_split(value: str) -> str | list[int]:
-    if value in ("auto", "none"):
-        return value
-    try:
-        return [int(v) for v in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto, none or part counts like 2,1,1,1,1, got {value!r}") from None
 
 
 def parse_args() -> argparse.Namespace:
@@ -64,7 +55,7 @@ class RunStart:
     other rank builds its own network and replica leaders load their own data.
     """
 
-    cfg: dict[str, Any]
+    cfg: Config
     input_shape: tuple[int, int, int]
     num_classes: int
     max_pieces: int
@@ -80,7 +71,7 @@ class RunStart:
 class RankSetup:
     """What every rank has built before it takes its role."""
 
-    cfg: dict[str, Any]
+    cfg: Config
     network: DTPNetwork
     optimizers: list[torch.optim.Optimizer]
     runtime: Runtime
@@ -93,10 +84,10 @@ def decide_start(args: argparse.Namespace, world_size: int) -> RunStart:
     run = resolve_run(args)
     data = load_data(run.cfg)
     network = build_network(run.cfg, data.input_shape, data.num_classes)
-    if not VARIANTS[run.cfg["algorithm"]].trains_feedback:
-        raise UserError(f"--algorithm {run.cfg['algorithm']} has no feedback phase to parallelise; "
+    if not VARIANTS[run.cfg.algorithm].trains_feedback:
+        raise UserError(f"--algorithm {run.cfg.algorithm} has no feedback phase to parallelise; "
                         "use train_sequential.py")
-    max_pieces = check_layout(run.cfg["batch_size"], network.n_feedback, world_size, args.replicas, args.split)
+    max_pieces = check_layout(run.cfg.batch_size, network.n_feedback, world_size, args.replicas, args.split)
     return RunStart(run.cfg, data.input_shape, data.num_classes, max_pieces, run, data, network)
 
 
@@ -113,19 +104,19 @@ def choose_plan(start: RunStart, costs: Costs, args: argparse.Namespace,
 def main() -> None:
     args = parse_args()
     ctx = init_distributed(args.timeout_s)
-    start = decided_by_leader(ctx, partial(decide_start, args, ctx.world_size))
+    start = decided_on_main_rank(ctx, partial(decide_start, args, ctx.world_size))
     cfg = start.cfg
-    network = start.network if ctx.is_leader else build_network(cfg, start.input_shape, start.num_classes)
+    network = start.network if ctx.is_main else build_network(cfg, start.input_shape, start.num_classes)
     network.to(ctx.device)
-    runtime = Runtime(device=ctx.device, autocast=autocast_for(ctx.device, cfg["mixed_precision"]))
+    runtime = Runtime(device=ctx.device, autocast=autocast_for(ctx.device, cfg.mixed_precision))
     costs = measure_feedback_costs(network, cfg, runtime, ctx, args.replicas, start.max_pieces)
     group_size = ctx.world_size // args.replicas
-    plan, resume_state = decided_by_leader(ctx, partial(choose_plan, start, costs, args, group_size))
-    set_seed(cfg["seed"])
+    plan, resume_state = decided_on_main_rank(ctx, partial(choose_plan, start, costs, args, group_size))
+    set_seed(cfg.seed)
     groups = ProcessGroups(Layout(ctx.world_size, args.replicas, ctx.rank, plan))
     setup = RankSetup(cfg, network, make_feedback_optimizers(network, cfg), runtime, groups, costs)
-    if ctx.is_leader:
-        run_global_leader(setup, start, args.max_steps)
+    if ctx.is_main:
+        run_main_rank(setup, start, args.max_steps)
     elif groups.layout.is_replica_leader:
         run_replica_leader(setup, resume_state, args.max_steps)
     else:
@@ -137,8 +128,8 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-def run_global_leader(setup: RankSetup, start: RunStart, max_steps: int | None) -> None:
-    """Rank 0: lead replica 0 on its own data and checkpoint, write the outputs, and report."""
+def run_main_rank(setup: RankSetup, start: RunStart, max_steps: int | None) -> None:
+    """The main rank (global rank 0): lead replica 0 on its own data and checkpoint, write the outputs, and report."""
     result = lead_replica(setup, start.data, start.run.resume_state, start.run.out_dir, max_steps)
     report(result, start.run.out_dir)
 
@@ -170,7 +161,7 @@ def lead_replica(setup: RankSetup, data: DatasetSplits, resume_state: dict[str, 
         result = trainer.fit(data, out_dir, max_steps)
     except BaseException as exc:
         if isinstance(exc, UserError):
-            report_error(exc, show=setup.groups.layout.rank == LEADER)
+            report_error(exc, show=setup.groups.layout.rank == MAIN_RANK)
         feedback.close(failed=True)
         raise
     feedback.close()

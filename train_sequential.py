@@ -17,8 +17,8 @@ def main() -> None:
     args = build_parser(__doc__.splitlines()[0]).parse_args()
     run = resolve_run(args)
     cfg = run.cfg
-    accelerator = Accelerator(mixed_precision=cfg["mixed_precision"])
-    set_seed(cfg["seed"])
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    set_seed(cfg.seed)
     runtime = Runtime(device=accelerator.device, autocast=accelerator.autocast)
     print(to_yaml(cfg), end="")
     data = load_data(cfg)

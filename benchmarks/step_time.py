@@ -1,4 +1,5 @@
-"""Time DTP training steps with the CIFAR-10 SimpleVGG settings (docs/design.md §7) on random input.
+"""Time DTP training steps on random 32×32 input, with the CIFAR-10 SimpleVGG settings (docs/design.md §7)
+or another config's (--config).
 
     python benchmarks/step_time.py --steps 2 --threads 2 --json
     python benchmarks/step_time.py --steps 3 --threads 1 --parallel 2  # under torchrun, then sequential
@@ -23,7 +24,7 @@ import time
 import torch
 
 from dtp.diagnostics import weight_alignment
-from dtp.config import DEFAULTS, merge
+from dtp.config import CONFIG_DIR, Config, resolve
 from dtp.models import DTPNetwork
 from dtp.feedback import BlockSettings, make_feedback_optimizers, train_block
 from dtp.hooks import BlockShard
@@ -31,29 +32,31 @@ from dtp.metrics import peak_rss_mib
 from dtp.optim import build_forward_optimizer
 from dtp.parallel.costs import measure_feedback_costs, time_feedback_iteration
 from dtp.parallel.feedback import DistributedFeedback, run_worker
-from dtp.parallel.layout import Layout, ProcessGroups, decided_by_leader, init_distributed
-from dtp.parallel.planning import FeedbackPlan, format_plan, max_pieces_for, plan_feedback, split_rows
+from dtp.parallel.layout import Layout, ProcessGroups, decided_on_main_rank, init_distributed
+from dtp.parallel.planning import (
+    FeedbackPlan, format_plan, max_pieces_for, parse_split, plan_feedback, split_rows,
+)
 from dtp.runtime import Runtime, autocast_for
 from dtp.seeding import noise_generator
 from dtp.step import train_step
 
 
-def part_costs(cfg, max_pieces: int, runtime: Runtime) -> dict[int, list[float]]:
+def part_costs(cfg: Config, max_pieces: int, runtime: Runtime) -> dict[int, list[float]]:
     """Seconds per step of each block trained on 1/m of the batch, m = 1..max_pieces, in this one process."""
-    network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"])
-    batch = slice(0, cfg["batch_size"])
+    network = DTPNetwork(cfg.model, (3, 32, 32), 10, cfg.seed)
+    batch = slice(0, cfg.batch_size)
     settings = [BlockSettings.from_config(cfg, i) for i in range(1, network.n_feedback + 1)]
     return {m: [s.iterations * time_feedback_iteration(network, s, BlockShard(split_rows(batch, m, 0)), runtime)
                 for s in settings] for m in range(1, max_pieces + 1)}
 
 
-def split_bounds(cfg, ranks: int, non_feedback_s: float, runtime: Runtime) -> dict:
+def split_bounds(cfg: Config, ranks: int, non_feedback_s: float, runtime: Runtime) -> dict:
     """Cost-model speed-up bounds for `ranks` ranks with and without block splitting.
 
     From per-part costs measured in this one process: the gradient sums and the contention between
     ranks of a real run are not in them, so these are upper bounds.
     """
-    costs = part_costs(cfg, max_pieces_for(cfg["batch_size"], 1, ranks), runtime)
+    costs = part_costs(cfg, max_pieces_for(cfg.batch_size, 1, ranks), runtime)
     sequential = sum(costs[1]) + non_feedback_s
     result = {"ranks": ranks, "block_cost_s_by_parts": {str(m): c for m, c in costs.items()}}
     for split in ("none", "auto"):
@@ -107,20 +110,20 @@ class TimedFeedback:
         return losses
 
 
-def time_sequential(cfg, steps: int, warmup: int, naive: bool, channels_last: bool, bf16: bool) -> dict:
+def time_sequential(cfg: Config, steps: int, warmup: int, naive: bool, channels_last: bool, bf16: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     runtime = Runtime(device, autocast_for(device, "bf16" if bf16 else "no"))
-    network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"]).to(device)
+    network = DTPNetwork(cfg.model, (3, 32, 32), 10, cfg.seed).to(device)
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
     optimizers = make_feedback_optimizers(network, cfg)
-    forward_opt, _ = build_forward_optimizer(network, cfg)
+    forward_opt, _ = build_forward_optimizer(network, cfg.forward)
     phase = TimedFeedback(network, optimizers, cfg, runtime, naive)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(cfg["batch_size"], 3, 32, 32, generator=gen).to(device)
+    x = torch.randn(cfg.batch_size, 3, 32, 32, generator=gen).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (cfg["batch_size"],), generator=gen).to(device)
+    y = torch.randint(0, 10, (cfg.batch_size,), generator=gen).to(device)
     total = 0.0
     for step in range(warmup + steps):
         if step == warmup:
@@ -133,50 +136,53 @@ def time_sequential(cfg, steps: int, warmup: int, naive: bool, channels_last: bo
             total += time.perf_counter() - t0
     sec = total / steps
     block_s = [b / steps for b in phase.block_s]
-    return {"sec_per_step": sec, "images_per_s": cfg["batch_size"] / sec, "block_feedback_s": block_s,
+    return {"sec_per_step": sec, "images_per_s": cfg.batch_size / sec, "block_feedback_s": block_s,
             "forward_update_s": sec - sum(block_s)}
 
 
-def parallel_worker(args, cfg) -> None:
+def parallel_worker(args: argparse.Namespace, cfg: Config) -> None:
     """One rank of `--parallel P`: the leader runs timed steps, the others run the ordinary worker loop."""
     ctx = init_distributed(600)
     runtime = Runtime(ctx.device)
-    network = DTPNetwork(cfg["model"], (3, 32, 32), 10, cfg["seed"]).to(ctx.device)
+    network = DTPNetwork(cfg.model, (3, 32, 32), 10, cfg.seed).to(ctx.device)
     optimizers = make_feedback_optimizers(network, cfg)
-    costs = measure_feedback_costs(network, cfg, runtime, ctx, 1, max_pieces_for(cfg["batch_size"], 1, ctx.world_size))
+    costs = measure_feedback_costs(network, cfg, runtime, ctx, 1, max_pieces_for(cfg.batch_size, 1, ctx.world_size))
 
     def choose_plan() -> FeedbackPlan:  # from rank 0's measurements; every rank gets the leader's plan
         plan = plan_feedback(costs, ctx.world_size, args.split)
         print(format_plan(plan, costs, ctx.world_size), file=sys.stderr)
         return plan
 
-    groups = ProcessGroups(Layout(ctx.world_size, 1, ctx.rank, decided_by_leader(ctx, choose_plan)))
-    if not ctx.is_leader:
+    groups = ProcessGroups(Layout(ctx.world_size, 1, ctx.rank, decided_on_main_rank(ctx, choose_plan)))
+    if not ctx.is_main:
         run_worker(network, optimizers, cfg, runtime, groups)
         return
-    forward_opt, _ = build_forward_optimizer(network, cfg)
+    forward_opt, _ = build_forward_optimizer(network, cfg.forward)
     phase = DistributedFeedback(network, optimizers, cfg, runtime, groups, costs)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(cfg["batch_size"], 3, 32, 32, generator=gen).to(ctx.device)
-    y = torch.randint(0, 10, (cfg["batch_size"],), generator=gen).to(ctx.device)
+    x = torch.randn(cfg.batch_size, 3, 32, 32, generator=gen).to(ctx.device)
+    y = torch.randint(0, 10, (cfg.batch_size,), generator=gen).to(ctx.device)
     # The phase times steps entry to entry and drops the first, so run one extra step.
     for step in range(args.warmup + args.steps + 1):
         train_step(network, forward_opt, phase, x, y, cfg, step, runtime)
     phase.close()
     par = phase.summary()["parallel"]
     par["peak_rss_mib_leader"] = peak_rss_mib()
-    par["images_per_s"] = cfg["batch_size"] / par["sec_per_step"]
+    par["images_per_s"] = cfg.batch_size / par["sec_per_step"]
     print(json.dumps(par))
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--config", default=str(CONFIG_DIR / "cifar10_dtp.yaml"),
+                   help="the network and feedback settings to time (default: the CIFAR-10 reference)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--parallel", type=int, default=0, help="run under torchrun with this many ranks")
-    p.add_argument("--split", default="auto", help="with --parallel: auto, none or parts per block, e.g. 2,1,1,1,1")
+    p.add_argument("--split", type=parse_split, default="auto",
+                   help="with --parallel: auto, none or parts per block, e.g. 2,1,1,1,1")
     p.add_argument("--bound-ranks", type=int, default=0,
                    help="also report the cost-model bound for this many ranks with and without block splitting")
     p.add_argument("--no-baseline", action="store_true",
@@ -185,38 +191,35 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (the baseline runs in fp32)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    cfg = merge(DEFAULTS, {"batch_size": args.batch_size})
+    return p.parse_args()
 
-    if args.split not in ("auto", "none"):
-        args.split = [int(v) for v in args.split.split(",")]
-    if args.rank_worker:
-        parallel_worker(args, cfg)
-        return
-    if args.parallel:
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.parallel}",
-               __file__, "--rank-worker", "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--batch-size", str(args.batch_size), "--split", ",".join(map(str, args.split))
-               if isinstance(args.split, list) else args.split]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            sys.exit(out.stderr[-3000:])
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"parallel P={args.parallel}: {result['sec_per_step']:.3f} s/step, {result['images_per_s']:.1f} img/s, "
-              f"efficiency {result['efficiency']:.2f}, cost-model bound {result['speedup_bound']:.2f}x, "
-              f"estimated speed-up {result['speedup_estimate']:.2f}x")
-        if not args.no_baseline:
-            torch.set_num_threads(args.threads)
-            seq = time_sequential(cfg, args.steps, args.warmup, naive=False, channels_last=False, bf16=False)
-            result["sequential_sec_per_step"] = seq["sec_per_step"]
-            result["speedup_over_sequential"] = seq["sec_per_step"] / result["sec_per_step"]
-            print(f"sequential, {args.threads} thread(s): {seq['sec_per_step']:.3f} s/step; parallel speed-up "
-                  f"{result['speedup_over_sequential']:.2f}x")
-        if args.json:
-            print(json.dumps(result))
-        return
 
+def benchmark_parallel(args: argparse.Namespace, cfg: Config) -> dict:
+    """`--parallel P`: P ranks under torchrun, and (unless --no-baseline) the sequential step to compare."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    split = ",".join(map(str, args.split)) if isinstance(args.split, list) else args.split
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.parallel}",
+           __file__, "--rank-worker", "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--config", args.config, "--batch-size", str(args.batch_size), "--split", split]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        sys.exit(out.stderr[-3000:])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"parallel P={args.parallel}: {result['sec_per_step']:.3f} s/step, {result['images_per_s']:.1f} img/s, "
+          f"efficiency {result['efficiency']:.2f}, cost-model bound {result['speedup_bound']:.2f}x, "
+          f"estimated speed-up {result['speedup_estimate']:.2f}x")
+    if not args.no_baseline:
+        torch.set_num_threads(args.threads)
+        seq = time_sequential(cfg, args.steps, args.warmup, naive=False, channels_last=False, bf16=False)
+        result["sequential_sec_per_step"] = seq["sec_per_step"]
+        result["speedup_over_sequential"] = seq["sec_per_step"] / result["sec_per_step"]
+        print(f"sequential, {args.threads} thread(s): {seq['sec_per_step']:.3f} s/step; parallel speed-up "
+              f"{result['speedup_over_sequential']:.2f}x")
+    return result
+
+
+def benchmark_sequential(args: argparse.Namespace, cfg: Config) -> dict:
+    """This project's step against the published structure (unless --no-baseline), and the split bounds."""
     torch.set_num_threads(args.threads)
     ours = time_sequential(cfg, args.steps, args.warmup, naive=False, channels_last=args.channels_last, bf16=args.bf16)
     result = dict(ours, threads=args.threads, batch_size=args.batch_size)
@@ -237,6 +240,16 @@ def main() -> None:
                   f"{b['feedback_s']:.3f} s/step, speed-up bound {b['speedup_bound']:.2f}x")
         result["bounds"] = bounds
     result["peak_rss_mib"] = peak_rss_mib()
+    return result
+
+
+def main() -> None:
+    args = parse_args()
+    cfg = resolve(args.config, {"batch_size": args.batch_size}, [])
+    if args.rank_worker:
+        parallel_worker(args, cfg)
+        return
+    result = benchmark_parallel(args, cfg) if args.parallel else benchmark_sequential(args, cfg)
     if args.json:
         print(json.dumps(result))
 

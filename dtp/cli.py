@@ -41,7 +41,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
 
 @dataclass
 class Run:
-    cfg: dict[str, Any]
+    cfg: config_lib.Config
     out_dir: Path
     max_steps: int | None
     resume_state: dict[str, Any] | None
@@ -65,30 +65,30 @@ def resolve_run(args: argparse.Namespace) -> Run:
     cfg = config_lib.resolve(args.config, overrides, args.sets, base=base)
     if args.max_steps is not None and args.max_steps <= 0:
         raise UserError(f"--max-steps must be positive, got {args.max_steps}")
-    out = args.out or resume_dir or f"runs/{cfg['dataset']}-{cfg['algorithm']}"
+    out = args.out or resume_dir or f"runs/{cfg.dataset}-{cfg.algorithm}"
     return Run(cfg, Path(out), args.max_steps, resume_state)
 
 
-def build_network(cfg: dict[str, Any], input_shape: tuple[int, int, int], num_classes: int) -> DTPNetwork:
+def build_network(cfg: config_lib.Config, input_shape: tuple[int, int, int], num_classes: int) -> DTPNetwork:
     """The network for this data, with per-block lists checked against its number of feedback blocks."""
-    network = DTPNetwork(cfg["model"], input_shape, num_classes, cfg["seed"])
-    if VARIANTS[cfg["algorithm"]].trains_feedback:
+    network = DTPNetwork(cfg.model, input_shape, num_classes, cfg.seed)
+    if VARIANTS[cfg.algorithm].trains_feedback:
         config_lib.check_block_lists(cfg, network.n_feedback)
-    if cfg["feedback"]["init_symmetric"]:
+    if cfg.feedback.init_symmetric:
         network.init_feedback_symmetric()
     return network
 
 
-def sequential_trainer(cfg: dict[str, Any], network: DTPNetwork, runtime: Runtime) -> Trainer:
+def sequential_trainer(cfg: config_lib.Config, network: DTPNetwork, runtime: Runtime) -> Trainer:
     """The Trainer train_sequential.py runs: every feedback block trained in this process (none for bp)."""
-    if not VARIANTS[cfg["algorithm"]].trains_feedback:
+    if not VARIANTS[cfg.algorithm].trains_feedback:
         return Trainer(cfg, network, [], None, runtime)
     feedback_optimizers = make_feedback_optimizers(network, cfg)
     return Trainer(cfg, network, feedback_optimizers, LocalFeedback(network, feedback_optimizers, cfg, runtime), runtime)
 
 
-def load_data(cfg: dict[str, Any]) -> DatasetSplits:
-    return load_dataset(cfg["dataset"], cfg["data_dir"], download=bool(cfg["download"]), seed=cfg["seed"])
+def load_data(cfg: config_lib.Config) -> DatasetSplits:
+    return load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.seed)
 
 
 def exit_on_user_error(main: Callable[[], None], show: bool = True) -> None:

@@ -1,77 +1,190 @@
-"""The run configuration: plain nested dicts, loaded from YAML and overridden from the command line.
+"""The run configuration: a frozen, typed value built from YAML and the command line.
 
-DEFAULTS is the CIFAR-10 DTP reference (docs/design.md §7) and also the schema: a key that is not in it
-is rejected, so a typo never silently falls back to a default.
+`Config` and its sections are the schema: a key they do not have is rejected with a suggestion, and each
+value is checked against its field's type (and range: `AtLeast`, `OneOf`) as it is read. Their defaults are
+the knobs a config file rarely sets; a network's shape and its per-block lists come from the config file,
+which is configs/<dataset>_<algorithm>.yaml unless --config names one (docs/design.md §7).
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import difflib
 import re
+import types
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from dtp.algorithm import VARIANTS
 from dtp.errors import ConfigError
 from dtp.optim import OPTIMIZERS
 
-DEFAULTS: dict[str, Any] = {
-    "dataset": "cifar10",
-    "data_dir": None,
-    "download": False,
-    "algorithm": "dtp",
-    "seed": 0,
-    "epochs": 90,
-    "batch_size": 128,
-    "eval_batch_size": 500,
-    "mixed_precision": "no",
-    "model": {
-        "arch": "simple_vgg",  # simple_vgg, lenet, resnet18 or resnet34 (dtp/models.py); none has batch norm
-        # simple_vgg, lenet: one conv-pool block per entry; resnet*: exactly 4 stage widths, the stem takes the first
-        "channels": [128, 128, 256, 256, 512],
-        "activation": "elu",  # every activation of the network, feedback included (the published ResNets: relu)
-        "hidden": 512,  # lenet only: units of its hidden linear layer
-    },
-    "feedback": {
-        "iterations": [20, 30, 35, 55, 20],
-        "noise": [0.4, 0.4, 0.2, 0.2, 0.08],
-        "lr": [1e-4, 3.5e-4, 8e-3, 8e-3, 0.18],
-        "optimizer": "sgd",  # sgd or adam (parallel_dtp as published); momentum applies to sgd only
-        "momentum": 0.9,
-        "weight_decay": 0.0,
-        "samples": 1,
-        "init_symmetric": False,  # start G's weights at the transposes of F's (its biases as initialised)
-    },
-    "forward": {
-        "lr": 0.08,
-        "optimizer": "sgd",  # sgd or adam; momentum applies to sgd only
-        "momentum": 0.9,
-        "weight_decay": 1e-4,
-        "beta": 0.7,
-        "scheduler": "cosine",  # per epoch: cosine (t_max, eta_min), step (step_size, gamma) or none
-        "t_max": 85,
-        "eta_min": 1e-5,
-        "step_size": 30,
-        "gamma": 0.1,
-    },
-    "early_stopping": {
-        "patience": 0,  # stop after this many evaluations without a better val top-1; 0: never
-        "min_delta": 0.0,
-    },
-    "log": {
-        "every": 10,
-        "angles_every": 50,
-    },
-}
-
-PER_BLOCK_KEYS = ("iterations", "noise", "lr")
-ALGORITHMS = ("dtp", "vanilla_dtp", "tp", "parallel_dtp", "bp")
+ALGORITHMS = tuple(VARIANTS)
 ARCHS = ("simple_vgg", "lenet", "resnet18", "resnet34")
 ACTIVATIONS = ("elu", "relu")
 MIXED_PRECISION = ("no", "bf16")
 SCHEDULERS = ("cosine", "step", "none")
+PER_BLOCK_KEYS = ("iterations", "noise", "lr")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+REFERENCE_DATASET = "cifar10"  # whose configs a dataset without its own starts from (npz)
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """A field's allowed values."""
+
+    choices: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AtLeast:
+    """A number field's lower bound, and how an error states it."""
+
+    low: float
+    strict: bool
+    wanted: str
+
+    def holds(self, value: float) -> bool:
+        return value > self.low if self.strict else value >= self.low
+
+
+PositiveInt = Annotated[int, AtLeast(0, True, "a positive integer")]
+PositiveFloat = Annotated[float, AtLeast(0, True, "a positive number")]
+NonNegativeFloat = Annotated[float, AtLeast(0, False, "a number ≥ 0")]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: Annotated[str, OneOf(ARCHS)] = "simple_vgg"  # dtp/models.py; none has batch norm
+    # simple_vgg, lenet: one conv-pool block per entry; resnet*: exactly 4 stage widths, the stem takes the first
+    channels: tuple[PositiveInt, ...] = ()
+    activation: Annotated[str, OneOf(ACTIVATIONS)] = "elu"  # every activation, feedback included
+    hidden: PositiveInt = 512  # lenet only: units of its hidden linear layer
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """Per-block lists are in forward order, blocks 1..N (G_0 is never trained)."""
+
+    iterations: tuple[PositiveInt, ...] = ()
+    noise: tuple[PositiveFloat, ...] = ()
+    lr: tuple[PositiveFloat, ...] = ()
+    optimizer: Annotated[str, OneOf(OPTIMIZERS)] = "sgd"  # momentum applies to sgd only
+    momentum: NonNegativeFloat = 0.9
+    weight_decay: NonNegativeFloat = 0.0
+    samples: PositiveInt = 1
+    init_symmetric: bool = False  # start G's weights at the transposes of F's (its biases as initialised)
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    lr: PositiveFloat = 0.08
+    optimizer: Annotated[str, OneOf(OPTIMIZERS)] = "sgd"
+    momentum: NonNegativeFloat = 0.9
+    weight_decay: NonNegativeFloat = 1e-4
+    beta: float = 0.7
+    scheduler: Annotated[str, OneOf(SCHEDULERS)] = "cosine"  # per epoch: cosine (t_max, eta_min), step, none
+    t_max: PositiveInt = 85
+    eta_min: NonNegativeFloat = 1e-5
+    step_size: PositiveInt = 30
+    gamma: PositiveFloat = 0.1
+
+
+@dataclass(frozen=True)
+class EarlyStoppingConfig:
+    patience: Annotated[int, AtLeast(0, False, "0 (off) or a positive integer")] = 0  # evaluations without gain
+    min_delta: NonNegativeFloat = 0.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: PositiveInt = 10
+    angles_every: PositiveInt = 50
+
+
+@dataclass(frozen=True)
+class Config:
+    dataset: str = REFERENCE_DATASET
+    data_dir: str | None = None
+    download: bool = False
+    algorithm: Annotated[str, OneOf(ALGORITHMS)] = "dtp"
+    seed: int = 0
+    epochs: PositiveInt = 90
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 500
+    mixed_precision: Annotated[str, OneOf(MIXED_PRECISION)] = "no"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    forward: ForwardConfig = field(default_factory=ForwardConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dicts and lists: what checkpoints, config.yaml and TensorBoard store."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _typed(value: Any, hint: Any, name: str) -> Any:
+    """`value` checked against the field type `hint` (and its Annotated rule) and converted to it."""
+    rule = None
+    if get_origin(hint) is Annotated:
+        hint, rule = get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{name}' is a section; give it a mapping, not {value!r}")
+        return _build(hint, value, f"{name}.")
+    if get_origin(hint) in (Union, types.UnionType):  # X | None
+        return None if value is None else _typed(value, next(a for a in get_args(hint) if a is not type(None)), name)
+    if get_origin(hint) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return tuple(_typed(v, get_args(hint)[0], f"every entry of {name}") for v in value)
+    wanted = rule.wanted if isinstance(rule, AtLeast) else {bool: "true or false", int: "an integer",
+                                                             float: "a number", str: "a string"}[hint]
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[hint]
+    if not isinstance(value, kinds) or (hint is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{name} must be {wanted}, got {value!r}")
+    if isinstance(rule, OneOf) and value not in rule.choices:
+        raise ConfigError(f"{name} is {value!r}; choose one of {', '.join(rule.choices)}")
+    if isinstance(rule, AtLeast) and not rule.holds(value):
+        raise ConfigError(f"{name} must be {wanted}, got {value!r}")
+    return float(value) if hint is float else value
+
+
+def _build(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    hints = get_type_hints(cls, include_extras=True)
+    for key in data:
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{where}{key}'{_suggest(str(key), list(hints), where)}")
+    return cls(**{key: _typed(value, hints[key], f"{where}{key}") for key, value in data.items()})
+
+
+def _suggest(key: str, choices: list[str], where: str) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    if close:
+        return f" (did you mean '{where}{close[0]}'?)"
+    return f"; valid keys here: {', '.join(where + c for c in choices)}"
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """base with override laid over it, section by section (keys are checked when the Config is built)."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(merged.get(key), dict) and isinstance(value, dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 class ConfigLoader(yaml.SafeLoader):
@@ -88,29 +201,6 @@ ConfigLoader.add_implicit_resolver(
 
 def _parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=ConfigLoader)
-
-
-def _suggest(key: str, choices: list[str], where: str) -> str:
-    close = difflib.get_close_matches(key, choices, n=1)
-    if close:
-        return f" (did you mean '{where}{close[0]}'?)"
-    return f"; valid keys here: {', '.join(where + c for c in choices)}"
-
-
-def merge(base: dict[str, Any], override: dict[str, Any], where: str = "") -> dict[str, Any]:
-    """Return base updated with override, rejecting keys that base (the schema) does not have."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        path = f"{where}{key}"
-        if key not in base:
-            raise ConfigError(f"unknown config key '{path}'{_suggest(key, list(base), where)}")
-        if isinstance(base[key], dict):
-            if not isinstance(value, dict):
-                raise ConfigError(f"config key '{path}' is a section; give it a mapping, not {value!r}")
-            merged[key] = merge(base[key], value, f"{path}.")
-        else:
-            merged[key] = value
-    return merged
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -145,74 +235,33 @@ def parse_set(assignment: str) -> dict[str, Any]:
 
 
 def default_config_path(dataset: str, algorithm: str) -> Path | None:
-    """The shipped config for a dataset when --config is not given, e.g. configs/imagenet32_dtp.yaml."""
-    for name in (f"{dataset}_{algorithm}.yaml", f"{dataset}.yaml"):
+    """The shipped config when --config is not given: configs/<dataset>_<algorithm>.yaml, or
+    configs/<dataset>.yaml, or for a dataset with neither (npz) the reference dataset's."""
+    for name in (f"{dataset}_{algorithm}.yaml", f"{dataset}.yaml",
+                 f"{REFERENCE_DATASET}_{algorithm}.yaml", f"{REFERENCE_DATASET}.yaml"):
         if (CONFIG_DIR / name).is_file():
             return CONFIG_DIR / name
     return None
 
 
-def _check_choice(cfg: dict[str, Any], key: str, choices: tuple[str, ...]) -> None:
-    node, parts = cfg, key.split(".")
-    for part in parts[:-1]:
-        node = node[part]
-    if node[parts[-1]] not in choices:
-        raise ConfigError(f"{key} is {node[parts[-1]]!r}; choose one of {', '.join(choices)}")
-
-
-def _check_positive(value: Any, name: str, integer: bool) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
-        kind = "a positive integer" if integer else "a positive number"
-        raise ConfigError(f"{name} must be {kind}, got {value!r}")
-
-
-def validate(cfg: dict[str, Any]) -> None:
-    """Check value types and ranges that do not depend on the network."""
-    _check_choice(cfg, "algorithm", ALGORITHMS)
-    _check_choice(cfg, "model.arch", ARCHS)
-    _check_choice(cfg, "model.activation", ACTIVATIONS)
-    _check_choice(cfg, "mixed_precision", MIXED_PRECISION)
-    _check_choice(cfg, "forward.scheduler", SCHEDULERS)
-    _check_choice(cfg, "forward.optimizer", OPTIMIZERS)
-    _check_choice(cfg, "feedback.optimizer", OPTIMIZERS)
-    _check_positive(cfg["forward"]["step_size"], "forward.step_size", integer=True)
-    patience = cfg["early_stopping"]["patience"]
-    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-        raise ConfigError(f"early_stopping.patience must be 0 (off) or a positive integer, got {patience!r}")
-    if not isinstance(cfg["feedback"]["init_symmetric"], bool):
-        raise ConfigError(f"feedback.init_symmetric must be true or false, got {cfg['feedback']['init_symmetric']!r}")
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        _check_positive(cfg[key], key, integer=True)
-    _check_positive(cfg["feedback"]["samples"], "feedback.samples", integer=True)
-    for key in ("every", "angles_every"):
-        _check_positive(cfg["log"][key], f"log.{key}", integer=True)
-    _check_positive(cfg["forward"]["lr"], "forward.lr", integer=False)
-    channels = cfg["model"]["channels"]
-    if not isinstance(channels, list) or not channels:
-        raise ConfigError(f"model.channels must be a non-empty list of integers, got {channels!r}")
-    for c in channels:
-        _check_positive(c, "every entry of model.channels", integer=True)
-    _check_positive(cfg["model"]["hidden"], "model.hidden", integer=True)
-    for key in PER_BLOCK_KEYS:
-        values = cfg["feedback"][key]
-        if not isinstance(values, list):
-            raise ConfigError(f"feedback.{key} must be a list with one value per feedback block, got {values!r}")
-        for v in values:
-            _check_positive(v, f"every entry of feedback.{key}", integer=key == "iterations")
-    iterations = cfg["feedback"]["iterations"]
-    if cfg["algorithm"] == "parallel_dtp" and any(k != 1 for k in iterations):
+def validate(cfg: Config) -> None:
+    """Checks across fields, after every field has been checked on its own."""
+    if not cfg.model.channels:
+        raise ConfigError("model.channels is not set; a config file gives the network and its per-block lists "
+                          "(start from one in configs/), or give them with --set model.channels=[32,64,64]")
+    iterations = cfg.feedback.iterations
+    if cfg.algorithm == "parallel_dtp" and any(k != 1 for k in iterations):
         raise ConfigError(
-            f"parallel_dtp takes one fused feedback step per batch, but feedback.iterations is {iterations}; set "
-            f"every entry to 1 (e.g. --set feedback.iterations={[1] * len(iterations)}) or use "
+            f"parallel_dtp takes one fused feedback step per batch, but feedback.iterations is {list(iterations)}; "
+            f"set every entry to 1 (e.g. --set feedback.iterations={[1] * len(iterations)}) or use "
             f"configs/<dataset>_parallel_dtp.yaml"
         )
 
 
-def check_block_lists(cfg: dict[str, Any], n_blocks: int) -> None:
+def check_block_lists(cfg: Config, n_blocks: int) -> None:
     """Per-block lists must match the network exactly: no silent truncation or repetition."""
     for key in PER_BLOCK_KEYS:
-        values = cfg["feedback"][key]
+        values = getattr(cfg.feedback, key)
         if len(values) != n_blocks:
             raise ConfigError(
                 f"feedback.{key} has {len(values)} entries but the network has {n_blocks} trainable "
@@ -221,28 +270,33 @@ def check_block_lists(cfg: dict[str, Any], n_blocks: int) -> None:
             )
 
 
+def build(data: dict[str, Any]) -> Config:
+    """A Config from nested dicts (a YAML file's, a checkpoint's), every key and value checked."""
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
 def resolve(
     config_path: str | None,
     overrides: dict[str, Any],
     sets: list[str],
     base: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Build the run config: base (defaults or a resumed run's config) <- YAML file <- flags <- --set."""
+) -> Config:
+    """Build the run config: defaults <- base (a resumed run's config) or YAML file <- flags <- --set."""
     # A resumed run's config is laid over the defaults, so keys added since it was written take their defaults.
-    cfg = merge(DEFAULTS, base) if base is not None else copy.deepcopy(DEFAULTS)
+    data: dict[str, Any] = dict(base) if base is not None else {}
     if config_path is None and base is None:
-        dataset = overrides.get("dataset") or cfg["dataset"]
-        algorithm = overrides.get("algorithm") or cfg["algorithm"]
-        found = default_config_path(dataset, algorithm)
+        found = default_config_path(overrides.get("dataset") or Config.dataset,
+                                    overrides.get("algorithm") or Config.algorithm)
         config_path = str(found) if found else None
     if config_path is not None:
-        cfg = merge(cfg, load_yaml(config_path))
-    cfg = merge(cfg, {k: v for k, v in overrides.items() if v is not None})
+        data = merge(data, load_yaml(config_path))
+    data = merge(data, {k: v for k, v in overrides.items() if v is not None})
     for assignment in sets:
-        cfg = merge(cfg, parse_set(assignment))
-    validate(cfg)
-    return cfg
+        data = merge(data, parse_set(assignment))
+    return build(data)
 
 
-def to_yaml(cfg: dict[str, Any]) -> str:
-    return yaml.safe_dump(cfg, sort_keys=False)
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -17,7 +17,7 @@ class TrainingError(UserError):
 def report_error(exc: UserError, show: bool = True) -> None:
     """Print the error's one `error:` line now, flushed, and only once per error.
 
-    Under torchrun the leader reports before it tells the other ranks to stop: once any rank exits,
+    Under torchrun the main rank (rank 0) reports before it tells the other ranks to stop: once any rank exits,
     torchrun terminates the rest, and a message still unprinted would be lost.
     """
     if show and not getattr(exc, "reported", False):

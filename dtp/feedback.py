@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from dtp.algorithm import VARIANTS, FeedbackLoss, train_feedback_block
+from dtp.config import Config
 from dtp.hooks import BlockShard
 from dtp.models import DTPNetwork
 from dtp.optim import make_optimizer
@@ -37,12 +38,12 @@ class FeedbackPhase(Protocol):
         """Release workers, if any."""
 
 
-def make_feedback_optimizers(network: DTPNetwork, cfg: dict[str, Any]) -> list[torch.optim.Optimizer]:
+def make_feedback_optimizers(network: DTPNetwork, cfg: Config) -> list[torch.optim.Optimizer]:
     """One optimiser per trainable feedback block (list index i−1 for G_i), with its own lr (feedback.*)."""
-    fb = cfg["feedback"]
+    fb = cfg.feedback
     return [
-        make_optimizer(network.feedback_blocks[i].parameters(), fb["optimizer"], fb["lr"][i - 1], fb["momentum"],
-                       fb["weight_decay"])
+        make_optimizer(network.feedback_blocks[i].parameters(), fb.optimizer, fb.lr[i - 1], fb.momentum,
+                       fb.weight_decay)
         for i in range(1, network.n_feedback + 1)
     ]
 
@@ -60,10 +61,9 @@ class BlockSettings:
     seed: int
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any], i: int) -> BlockSettings:
-        fb = cfg["feedback"]
-        return cls(i, fb["iterations"][i - 1], fb["noise"][i - 1], fb["samples"],
-                   VARIANTS[cfg["algorithm"]].loss_fn, cfg["seed"])
+    def from_config(cls, cfg: Config, i: int) -> BlockSettings:
+        fb = cfg.feedback
+        return cls(i, fb.iterations[i - 1], fb.noise[i - 1], fb.samples, VARIANTS[cfg.algorithm].loss_fn, cfg.seed)
 
 
 def train_block(
@@ -101,7 +101,7 @@ def train_block(
 def train_blocks(
     network: DTPNetwork,
     optimizers: list[torch.optim.Optimizer],
-    cfg: dict[str, Any],
+    cfg: Config,
     blocks: list[int],
     block_inputs: list[Tensor],
     step: int,
@@ -124,7 +124,7 @@ class LocalFeedback:
 
     network: DTPNetwork
     optimizers: list[torch.optim.Optimizer]
-    cfg: dict[str, Any]
+    cfg: Config
     runtime: Runtime
     order: list[int] | None = None
 

@@ -14,7 +14,7 @@ Architectures (model.arch), with the layer shapes of the published code (ernoult
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ from torch import Tensor, nn
 
 from dtp.errors import ConfigError
 from dtp.seeding import global_cpu_rng_seeded
+
+if TYPE_CHECKING:  # the config imports the models' algorithm
+    from dtp.config import ModelConfig
 
 Indices = list[Tensor]
 
@@ -263,9 +266,9 @@ def _resnet_blocks(
     return blocks
 
 
-def build_forward(model_cfg: dict[str, Any], in_shape: tuple[int, int, int], n_classes: int) -> list[ForwardBlock]:
+def build_forward(model_cfg: ModelConfig, in_shape: tuple[int, int, int], n_classes: int) -> list[ForwardBlock]:
     """The forward blocks of model.arch (see the module docstring for the layer shapes)."""
-    arch, channels, act = model_cfg["arch"], list(model_cfg["channels"]), model_cfg["activation"]
+    arch, channels, act = model_cfg.arch, list(model_cfg.channels), model_cfg.activation
     if arch in RESNET_STAGE_BLOCKS:
         return _resnet_blocks(in_shape, channels, arch, act, n_classes)
     if arch == "simple_vgg":
@@ -273,7 +276,7 @@ def build_forward(model_cfg: dict[str, Any], in_shape: tuple[int, int, int], n_c
         blocks.append(ForwardBlock([nn.Flatten(), nn.Linear(c * h * w, n_classes)]))
         return blocks
     if arch == "lenet":
-        hidden = model_cfg["hidden"]
+        hidden = model_cfg.hidden
         blocks, (c, h, w) = _conv_pool_blocks(in_shape, channels, 5, LENET_POOL, act, arch)
         blocks.append(ForwardBlock([nn.Flatten(), nn.Linear(c * h * w, hidden), _activation(act)]))
         blocks.append(ForwardBlock([nn.Linear(hidden, n_classes)]))
@@ -284,7 +287,7 @@ def build_forward(model_cfg: dict[str, Any], in_shape: tuple[int, int, int], n_c
 class DTPNetwork(nn.Module):
     """The forward blocks F_0..F_N and their feedback blocks G_0..G_N (G_0 is built but never trained)."""
 
-    def __init__(self, model_cfg: dict[str, Any], in_shape: tuple[int, int, int], n_classes: int, seed: int) -> None:
+    def __init__(self, model_cfg: ModelConfig, in_shape: tuple[int, int, int], n_classes: int, seed: int) -> None:
         super().__init__()
         with global_cpu_rng_seeded(seed):
             self.forward_blocks = nn.ModuleList(build_forward(model_cfg, in_shape, n_classes))

@@ -7,12 +7,15 @@ flat vector from the first step on.
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from dtp.models import DTPNetwork
+
+if TYPE_CHECKING:  # the config imports this module's OPTIMIZERS
+    from dtp.config import ForwardConfig
 
 OPTIMIZERS = ("sgd", "adam")
 # The per-parameter state each optimiser keeps, in the order it travels in a flat state vector.
@@ -45,17 +48,16 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
 
 
 def build_forward_optimizer(
-    network: DTPNetwork, cfg: dict[str, Any]
+    network: DTPNetwork, forward: ForwardConfig
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """The forward weights' optimiser (forward.optimizer) and its per-epoch schedule (forward.scheduler);
     feedback lrs have none."""
-    fwd = cfg["forward"]
-    opt = make_optimizer(network.forward_blocks.parameters(), fwd["optimizer"], fwd["lr"], fwd["momentum"],
-                         fwd["weight_decay"])
-    if fwd["scheduler"] == "cosine":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=fwd["t_max"], eta_min=fwd["eta_min"])
-    elif fwd["scheduler"] == "step":
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=fwd["step_size"], gamma=fwd["gamma"])
+    opt = make_optimizer(network.forward_blocks.parameters(), forward.optimizer, forward.lr, forward.momentum,
+                         forward.weight_decay)
+    if forward.scheduler == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=forward.t_max, eta_min=forward.eta_min)
+    elif forward.scheduler == "step":
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=forward.step_size, gamma=forward.gamma)
     else:
         sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
     return opt, sched

@@ -37,7 +37,7 @@ def step_prefix(step: int) -> str:
 class RunLog:
     """What the main copy writes while it trains: TensorBoard events under out_dir, and console lines."""
 
-    def __init__(self, out_dir: Path, cfg: dict[str, Any], step: int) -> None:
+    def __init__(self, out_dir: Path, cfg: config_lib.Config, step: int) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.cfg, self.out_dir = cfg, out_dir
         self.writer = SummaryWriter(log_dir=str(out_dir))
@@ -53,7 +53,7 @@ class RunLog:
                    feedback: FeedbackPhase | None) -> None:
         """Scalars every log.every steps and at the last step."""
         w = self.writer
-        if step % self.cfg["log"]["every"] == 0 or last:
+        if step % self.cfg.log.every == 0 or last:
             w.add_scalar("train/loss", float(result.ce_loss), step)
             w.add_scalar("train/top1", float(result.top1), step)
             w.add_scalar("train/forward_lr", lr, step)
@@ -67,7 +67,7 @@ class RunLog:
 
     def alignment_due(self, step: int, last: bool) -> bool:
         """DTP and its variants compare themselves with backprop every log.angles_every steps and at the end."""
-        return VARIANTS[self.cfg["algorithm"]].trains_feedback and (step % self.cfg["log"]["angles_every"] == 0 or last)
+        return VARIANTS[self.cfg.algorithm].trains_feedback and (step % self.cfg.log.angles_every == 0 or last)
 
     def alignment(self, step: int, network: DTPNetwork, comparison: BackpropComparison) -> None:
         """Per block: W against Bᵀ (per-filter angle, distance, whole-tensor angle) and the DTP update
@@ -110,7 +110,7 @@ class RunLog:
         """Write the hyperparameters with the final validation figures, when the run reached its end."""
         if final_metrics is not None:
             self.writer.add_hparams(
-                _flat_hparams(self.cfg),
+                _flat_hparams(self.cfg.to_dict()),
                 {"hparam/val_top1": final_metrics["top1"], "hparam/val_top5": final_metrics["top5"]},
                 run_name=".",
             )

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dtp.algorithm import VARIANTS, forward_losses, forward_pass, propagate_targets
+from dtp.config import Config
 from dtp.data import BatchLoader
 from dtp.errors import TrainingError
 from dtp.feedback import FeedbackPhase
@@ -39,7 +39,7 @@ def train_step(
     feedback: FeedbackPhase | None,
     x: Tensor,
     labels: Tensor,
-    cfg: dict[str, Any],
+    cfg: Config,
     step: int,
     runtime: Runtime,
     batch_total: int | None = None,
@@ -51,7 +51,7 @@ def train_step(
     gradients are summed before the step, so every copy takes the full-batch step.
     """
     batch_total = batch_total or x.shape[0]
-    variant = VARIANTS[cfg["algorithm"]]
+    variant = VARIANTS[cfg.algorithm]
     if not variant.trains_feedback:
         with runtime.autocast():
             logits = network(x)
@@ -67,7 +67,7 @@ def train_step(
     # Feedback training gets at least fp32 inputs whatever the autocast, so every FeedbackPhase sees the same tensors.
     fb_losses = feedback.train([at_least_fp32(h.detach()) for h in outputs[:-1]], step, batch_total)
     with runtime.autocast():
-        targets = propagate_targets(list(network.feedback_blocks), outputs, indices, labels, cfg["forward"]["beta"],
+        targets = propagate_targets(list(network.feedback_blocks), outputs, indices, labels, cfg.forward.beta,
                                     variant.difference_targets)
         block_losses = forward_losses(outputs, targets, batch_total)
     forward_opt.zero_grad(set_to_none=True)
@@ -104,17 +104,17 @@ def full_batch_figures(result: StepResult, labels: Tensor, batch_total: int, sto
     return bool(stats[2] > 0)
 
 
-def check_finite(result: StepResult, step: int, cfg: dict[str, Any]) -> None:
+def check_finite(result: StepResult, step: int, cfg: Config) -> None:
     """One host sync per step: stop on NaN/inf before a bad update reaches a checkpoint."""
     values = torch.stack([result.ce_loss.float(), *[l.float() for l in result.forward_losses + result.feedback_losses]])
     if bool(torch.isfinite(values).all()):
         return
     bad = [i + 1 for i, l in enumerate(result.feedback_losses) if not math.isfinite(float(l))]
     if bad:
-        lrs = [cfg["feedback"]["lr"][i - 1] for i in bad]
+        lrs = [cfg.feedback.lr[i - 1] for i in bad]
         hint = f"feedback loss of block(s) {bad} is not finite; lower feedback.lr for them (now {lrs})"
     else:
-        hint = f"the forward loss is not finite; lower forward.lr (now {cfg['forward']['lr']}) or forward.beta"
+        hint = f"the forward loss is not finite; lower forward.lr (now {cfg.forward.lr}) or forward.beta"
     raise TrainingError(f"NaN/inf loss at step {step}: {hint}. The last checkpoint was left intact.")
 
 

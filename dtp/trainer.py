@@ -18,6 +18,7 @@ from torch import Tensor
 
 from dtp.algorithm import VARIANTS
 from dtp.checkpoint import save_checkpoint, save_summary
+from dtp.config import Config
 from dtp.data import BatchLoader, DatasetSplits
 from dtp.diagnostics import BackpropComparison, compare_to_backprop
 from dtp.errors import UserError
@@ -48,18 +49,18 @@ class FitResult:
 class Trainer:
     """Trains one network with one feedback phase; only the main data-parallel copy evaluates and writes."""
 
-    def __init__(self, cfg: dict[str, Any], network: DTPNetwork, feedback_optimizers: list[torch.optim.Optimizer],
+    def __init__(self, cfg: Config, network: DTPNetwork, feedback_optimizers: list[torch.optim.Optimizer],
                  feedback: FeedbackPhase | None, runtime: Runtime, replica: DataReplica = WholeBatch()) -> None:
         self.cfg, self.network, self.runtime, self.replica = cfg, network, runtime, replica
         self.feedback, self.feedback_optimizers = feedback, feedback_optimizers
-        self.forward_opt, self.scheduler = build_forward_optimizer(network, cfg)
+        self.forward_opt, self.scheduler = build_forward_optimizer(network, cfg.forward)
         self.step = 0
         self.steps_per_epoch = 1
         self.wall_before = 0.0  # seconds of the earlier runs this one resumes
         self.started = time.perf_counter()
         self.train_seconds, self.train_images = 0.0, 0
         self.stop = StopSignal()
-        self.early_stopping = EarlyStopping(**cfg["early_stopping"])
+        self.early_stopping = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta)
         self.stopped_early = False
         self._log: RunLog | None = None
 
@@ -87,7 +88,7 @@ class Trainer:
             "epoch": self.step // self.steps_per_epoch,
             "wall_time_s": self.wall_before + time.perf_counter() - self.started,
             "early_stopping": {"best": self.early_stopping.best, "bad_evaluations": self.early_stopping.bad_evaluations},
-            "config": self.cfg,
+            "config": self.cfg.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -99,7 +100,7 @@ class Trainer:
             for i, (opt, opt_state) in enumerate(zip(self.feedback_optimizers, state["feedback_optimizers"])):
                 opt.load_state_dict(opt_state)
                 # Feedback lrs have no schedule: the resumed config's values apply, e.g. after --set feedback.lr.
-                opt.param_groups[0]["lr"] = self.cfg["feedback"]["lr"][i]
+                opt.param_groups[0]["lr"] = self.cfg.feedback.lr[i]
         except (RuntimeError, KeyError, ValueError) as exc:
             raise UserError(f"--resume: the checkpoint does not match this model/config ({exc})") from None
         self.step, self.wall_before = state["step"], state.get("wall_time_s", 0.0)
@@ -110,13 +111,13 @@ class Trainer:
         self.early_stopping.bad_evaluations = early.get("bad_evaluations", 0)
 
     def fit(self, data: DatasetSplits, out_dir: Path | None, max_steps: int | None = None) -> FitResult:
-        """Train until cfg['epochs'] (or max_steps steps in total); evaluate and checkpoint after each epoch.
+        """Train until cfg.epochs (or max_steps steps in total); evaluate and checkpoint after each epoch.
 
         Every copy stops at the same step: at the end, on a signal, or on a NaN loss (an error).
         """
         train_loader, test_loader = _loaders(data, self.cfg)
         self.steps_per_epoch = len(train_loader)
-        total_steps = self.cfg["epochs"] * self.steps_per_epoch
+        total_steps = self.cfg.epochs * self.steps_per_epoch
         if max_steps is not None:
             total_steps = min(total_steps, max_steps)
         self.start(out_dir)
@@ -196,7 +197,7 @@ class Trainer:
         """dtp.diagnostics.compare_to_backprop on this copy's rows of the batch just trained on."""
         rows = self.replica.rows(y.numel())
         x, y = x[rows].to(self.runtime.device), y[rows].to(self.runtime.device)
-        return compare_to_backprop(self.network, x, y, VARIANTS[self.cfg["algorithm"]].difference_targets)
+        return compare_to_backprop(self.network, x, y, VARIANTS[self.cfg.algorithm].difference_targets)
 
     def end_epoch(self, loader: BatchLoader, out_dir: Path | None, prefix: str) -> tuple[dict[str, float], bool]:
         """Step the lr schedule; the main copy evaluates and checkpoints; every copy learns whether to stop early."""
@@ -241,8 +242,8 @@ class Trainer:
             "epochs": self.step / self.steps_per_epoch,
             "wall_time_s": self.wall_before + time.perf_counter() - self.started,
             "train_images_per_s": self.train_images / self.train_seconds if self.train_seconds else 0.0,
-            "algorithm": self.cfg["algorithm"],
-            "dataset": self.cfg["dataset"],
+            "algorithm": self.cfg.algorithm,
+            "dataset": self.cfg.dataset,
             "stopped_early": self.stopped_early,
             "best_val_top1": max(self.early_stopping.best, metrics["top1"]),
         }
@@ -256,10 +257,10 @@ class Trainer:
         return summary
 
 
-def _loaders(data: DatasetSplits, cfg: dict[str, Any]) -> tuple[BatchLoader, BatchLoader]:
+def _loaders(data: DatasetSplits, cfg: Config) -> tuple[BatchLoader, BatchLoader]:
     """The shuffled training batches and the fixed-order evaluation batches."""
-    train = BatchLoader(data.train_x, data.train_y, cfg["batch_size"], data.mean, data.std, train=True,
-                        seed=cfg["seed"])
-    test = BatchLoader(data.test_x, data.test_y, cfg["eval_batch_size"], data.mean, data.std, train=False,
-                       seed=cfg["seed"])
+    train = BatchLoader(data.train_x, data.train_y, cfg.batch_size, data.mean, data.std, train=True,
+                        seed=cfg.seed)
+    test = BatchLoader(data.test_x, data.test_y, cfg.eval_batch_size, data.mean, data.std, train=False,
+                       seed=cfg.seed)
     return train, test

@@ -12,10 +12,15 @@ import numpy as np
 import pytest
 import torch
 
+from dtp.config import ModelConfig
 from dtp.data import make_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+def model_config(arch: str, channels: list[int], activation: str, hidden: int = 512) -> ModelConfig:
+    return ModelConfig(arch, tuple(channels), activation, hidden)
+
 
 # In-process tests compute on one thread, as the scripts the tests start do: tiny convolutions run no
 # faster on more, and a loaded machine makes them far slower.

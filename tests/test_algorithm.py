@@ -17,7 +17,8 @@ from dtp.algorithm import (
     reconstruction_loss,
     train_feedback_block,
 )
-from dtp.config import DEFAULTS, merge
+from conftest import model_config
+from dtp.config import build
 from dtp.diagnostics import weight_alignment
 from dtp.models import DTPNetwork, ForwardBlock, invert_block
 from dtp.feedback import LocalFeedback, make_feedback_optimizers
@@ -127,7 +128,7 @@ def test_output_target_is_a_gradient_step_on_summed_cross_entropy():
 
 
 def small_network(arch="simple_vgg", channels=(3, 4, 5), in_shape=(3, 16, 16), seed=0):
-    cfg = {"arch": arch, "channels": list(channels), "activation": "elu"}
+    cfg = model_config(arch, list(channels), "elu")
     return DTPNetwork(cfg, in_shape, 10, seed)
 
 
@@ -168,7 +169,7 @@ def test_blocks_receive_detached_inputs():
 
 
 def smoke_cfg(**feedback):
-    cfg = merge(DEFAULTS, {"model": {"channels": [3, 4, 5]}, "feedback": {
+    cfg = build({"model": {"channels": [3, 4, 5]}, "feedback": {
         "iterations": [3, 2, 2], "noise": [0.4, 0.2, 0.1], "lr": [0.01, 0.01, 0.05], **feedback}})
     return cfg
 
@@ -308,11 +309,11 @@ def test_ldrl_aligns_a_linear_blocks_feedback_weights_with_the_transposed_forwar
 # ----------------------------------------------------------------------------- every block type, float64
 
 ARCH_CFGS = {
-    "simple_vgg": ({"arch": "simple_vgg", "channels": [3, 4], "activation": "elu"}, (2, 8, 8)),
+    "simple_vgg": (model_config("simple_vgg", [3, 4], "elu"), (2, 8, 8)),
     # pool 3/2 with padding 1: 9 → 5 → 3, odd sizes both ways
-    "lenet": ({"arch": "lenet", "channels": [3, 4], "activation": "elu", "hidden": 6}, (2, 9, 9)),
+    "lenet": (model_config("lenet", [3, 4], "elu", hidden=6), (2, 9, 9)),
     # stage 1 keeps the stem's width (no shortcut conv), stages 2–4 halve the map (1x1 shortcut conv)
-    "resnet18": ({"arch": "resnet18", "channels": [2, 3, 3, 3], "activation": "relu"}, (2, 8, 8)),
+    "resnet18": (model_config("resnet18", [2, 3, 3, 3], "relu"), (2, 8, 8)),
 }
 
 

@@ -7,7 +7,7 @@ from torch import nn
 
 from conftest import SMOKE, load, scalar_values, train_in_process
 from dtp.algorithm import forward_pass
-from dtp.config import DEFAULTS, merge
+from dtp.config import ModelConfig, build
 from dtp.diagnostics import angle_and_distance, compare_to_backprop, whole_tensor_angle
 from dtp.feedback import make_feedback_optimizers, train_blocks
 from dtp.models import DTPNetwork, ForwardBlock, invert_block, weight_pairs
@@ -65,7 +65,7 @@ def test_dtp_with_transposed_feedback_on_a_linear_network_is_backprop():
 
 
 def test_the_comparison_changes_nothing_in_the_run():
-    net = DTPNetwork(merge(DEFAULTS["model"], {"channels": [4, 4]}), (3, 8, 8), 10, 0)
+    net = DTPNetwork(ModelConfig(channels=(4, 4)), (3, 8, 8), 10, 0)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
     rng = torch.get_rng_state()
@@ -82,9 +82,9 @@ def test_ldrl_feedback_training_brings_the_dtp_update_towards_the_bp_gradient(se
     update of the blocks below the output is at about 90° from the BP gradient (random feedback); after 20
     steps of 20 L-DRL iterations on one batch it is at 10–13° in block 1 and 29–33° in block 0, measured
     for seeds 0–2. The bounds sit well above those and far below the start."""
-    cfg = merge(DEFAULTS, {"seed": seed, "model": {"channels": [8, 16]},
-                           "feedback": {"iterations": [20, 20], "noise": [0.2, 0.08], "lr": [3e-3, 0.05]}})
-    net = DTPNetwork(cfg["model"], (3, 8, 8), 10, seed)
+    cfg = build({"seed": seed, "model": {"channels": [8, 16]},
+                 "feedback": {"iterations": [20, 20], "noise": [0.2, 0.08], "lr": [3e-3, 0.05]}})
+    net = DTPNetwork(cfg.model, (3, 8, 8), 10, seed)
     optimizers = make_feedback_optimizers(net, cfg)
     generator = torch.Generator().manual_seed(seed)
     x, y = torch.randn(64, 3, 8, 8, generator=generator), torch.randint(0, 10, (64,), generator=generator)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import SMOKE, load, train_in_process
-from dtp.config import ALGORITHMS, ARCHS
+from dtp.config import ALGORITHMS, ARCHS, build
 from dtp.models import DTPNetwork
 
 # Narrow versions of each network on 32×32 inputs, and their number of trainable feedback blocks.
@@ -44,7 +44,8 @@ def test_two_steps_of_every_algorithm_on_every_network(tmp_path, monkeypatch, ti
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2
     state = load(out)
-    start = DTPNetwork(state["config"]["model"], (3, 32, 32), 10, state["config"]["seed"])
+    run_cfg = build(state["config"])
+    start = DTPNetwork(run_cfg.model, (3, 32, 32), 10, run_cfg.seed)
     # Every forward block learned; every trainable feedback block learned (bp has none to train), G_0 never.
     for i, block in enumerate(start.forward_blocks):
         assert any(not torch.equal(p, state["forward"][f"{i}.{name}"]) for name, p in block.named_parameters()), i

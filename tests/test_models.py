@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, load, train_in_process
-from dtp.config import DEFAULTS, load_yaml, merge, validate
+from conftest import ROOT, load, model_config, train_in_process
+from dtp.config import build, load_yaml
 from dtp.diagnostics import weight_alignment
 from dtp.errors import ConfigError
 from dtp.models import BasicBlock, DTPNetwork, InvertedBasicBlock, build_forward, invert_block
@@ -13,15 +13,15 @@ from dtp.models import BasicBlock, DTPNetwork, InvertedBasicBlock, build_forward
 @pytest.mark.parametrize(
     "cfg, in_shape, n_blocks",
     [
-        ({"arch": "simple_vgg", "channels": [128, 128, 256, 256, 512], "activation": "elu"}, (3, 32, 32), 6),
-        ({"arch": "simple_vgg", "channels": [4, 8], "activation": "relu"}, (1, 28, 28), 3),
-        ({"arch": "simple_vgg", "channels": [4, 8, 8], "activation": "elu"}, (3, 30, 30), 4),
-        ({"arch": "lenet", "channels": [6, 16], "activation": "elu", "hidden": 32}, (3, 32, 32), 4),
-        ({"arch": "lenet", "channels": [6, 16], "activation": "relu", "hidden": 32}, (1, 28, 28), 4),
-        ({"arch": "lenet", "channels": [4, 4, 4], "activation": "elu", "hidden": 8}, (3, 15, 15), 5),
-        ({"arch": "resnet18", "channels": [4, 8, 8, 8], "activation": "relu"}, (3, 32, 32), 6),
-        ({"arch": "resnet34", "channels": [4, 8, 8, 8], "activation": "relu"}, (1, 28, 28), 6),
-        ({"arch": "resnet18", "channels": [2, 2, 4, 4], "activation": "elu"}, (3, 9, 11), 6),
+        (model_config("simple_vgg", [128, 128, 256, 256, 512], "elu"), (3, 32, 32), 6),
+        (model_config("simple_vgg", [4, 8], "relu"), (1, 28, 28), 3),
+        (model_config("simple_vgg", [4, 8, 8], "elu"), (3, 30, 30), 4),
+        (model_config("lenet", [6, 16], "elu", hidden=32), (3, 32, 32), 4),
+        (model_config("lenet", [6, 16], "relu", hidden=32), (1, 28, 28), 4),
+        (model_config("lenet", [4, 4, 4], "elu", hidden=8), (3, 15, 15), 5),
+        (model_config("resnet18", [4, 8, 8, 8], "relu"), (3, 32, 32), 6),
+        (model_config("resnet34", [4, 8, 8, 8], "relu"), (1, 28, 28), 6),
+        (model_config("resnet18", [2, 2, 4, 4], "elu"), (3, 9, 11), 6),
     ],
 )
 def test_feedback_blocks_map_outputs_back_to_input_shapes(cfg, in_shape, n_blocks):
@@ -37,7 +37,7 @@ def test_feedback_blocks_map_outputs_back_to_input_shapes(cfg, in_shape, n_block
 
 
 def test_simple_vgg_layout_matches_the_reference():
-    net = DTPNetwork({"arch": "simple_vgg", "channels": [128, 128, 256, 256, 512], "activation": "elu"},
+    net = DTPNetwork(model_config("simple_vgg", [128, 128, 256, 256, 512], "elu"),
                      (3, 32, 32), 10, seed=0)
     first = net.forward_blocks[0].layers
     assert isinstance(first[0], nn.Conv2d) and first[0].kernel_size == (3, 3) and first[0].padding == (1, 1)
@@ -51,7 +51,7 @@ def test_simple_vgg_layout_matches_the_reference():
 
 
 def test_unpool_uses_the_indices_it_is_given():
-    net = DTPNetwork({"arch": "simple_vgg", "channels": [4, 4], "activation": "elu"}, (3, 8, 8), 10, seed=0)
+    net = DTPNetwork(model_config("simple_vgg", [4, 4], "elu"), (3, 8, 8), 10, seed=0)
     x = torch.randn(2, 3, 8, 8)
     y, idx = net.forward_blocks[0](x)
     _, other = net.forward_blocks[0](x + torch.randn_like(x))
@@ -65,7 +65,7 @@ def test_unpool_uses_the_indices_it_is_given():
 
 def test_feedback_weights_start_unaligned_with_the_transposed_forward_weights():
     """Independent initialisations: W and Bᵀ start near 90° apart (a transposed or scaled copy would be at 0°)."""
-    net = DTPNetwork({"arch": "simple_vgg", "channels": [16, 16], "activation": "elu"}, (3, 8, 8), 10, seed=0)
+    net = DTPNetwork(model_config("simple_vgg", [16, 16], "elu"), (3, 8, 8), 10, seed=0)
     for i in range(1, net.n_feedback + 1):
         angle, _ = weight_alignment(net.forward_blocks[i], net.feedback_blocks[i])
         assert 70.0 < angle < 110.0, (i, angle)
@@ -75,7 +75,7 @@ def test_feedback_weights_start_unaligned_with_the_transposed_forward_weights():
 def test_building_a_network_leaves_the_global_rng_alone_and_keeps_its_seeded_weights():
     """The initial weights are those the global generator seeded with seed (forward) and seed + 1
     (feedback) gives, as before, but the caller's global random state is untouched."""
-    cfg, in_shape = {"arch": "resnet18", "channels": [2, 2, 4, 4], "activation": "elu"}, (3, 9, 11)
+    cfg, in_shape = model_config("resnet18", [2, 2, 4, 4], "elu"), (3, 9, 11)
     torch.manual_seed(123)
     before = torch.get_rng_state()
     net = DTPNetwork(cfg, in_shape, 10, seed=7)
@@ -91,13 +91,13 @@ def test_building_a_network_leaves_the_global_rng_alone_and_keeps_its_seeded_wei
 
 def test_network_that_does_not_fit_the_input_is_a_clear_error():
     with pytest.raises(ConfigError, match="does not fit 32x32 inputs.*at most 5"):
-        DTPNetwork({"arch": "simple_vgg", "channels": [8] * 6, "activation": "elu"}, (3, 32, 32), 10, seed=0)
+        DTPNetwork(model_config("simple_vgg", [8] * 6, "elu"), (3, 32, 32), 10, seed=0)
 
 
 def test_lenet_layout_matches_the_published_one():
     """ernoult/scalingDTP target_prop/networks/lenet.py: conv5x5 (padding 2) → act → maxpool 3/2 (padding 1) per
     channel entry, then flatten → linear(512) → act, then linear(n_classes); 64·8·8 = 4096 inputs on 32x32."""
-    net = DTPNetwork({"arch": "lenet", "channels": [32, 64], "activation": "elu", "hidden": 512}, (3, 32, 32), 10,
+    net = DTPNetwork(model_config("lenet", [32, 64], "elu", hidden=512), (3, 32, 32), 10,
                      seed=0)
     conv, act, pool = net.forward_blocks[0].layers
     assert conv.kernel_size == (5, 5) and conv.padding == (2, 2) and isinstance(act, nn.ELU)
@@ -111,7 +111,7 @@ def test_lenet_layout_matches_the_published_one():
 
 
 def test_overlapping_unpool_puts_every_maximum_back_where_it_came_from_on_odd_sizes():
-    net = DTPNetwork({"arch": "lenet", "channels": [3], "activation": "elu", "hidden": 4}, (2, 15, 15), 10, seed=0)
+    net = DTPNetwork(model_config("lenet", [3], "elu", hidden=4), (2, 15, 15), 10, seed=0)
     conv, act, _ = net.forward_blocks[0].layers
     x = torch.randn(2, 2, 15, 15)
     before_pool = act(conv(x))
@@ -129,7 +129,7 @@ def test_resnet_layout_matches_the_published_one(arch, stage_blocks):
     """ernoult/scalingDTP target_prop/networks/resnet.py (CIFAR ResNet, batch norm off): 3x3 stem, four stages
     of basic blocks with widths 64..512 and strides 1, 2, 2, 2, 1x1 shortcut convs where the shape changes,
     convolutions without bias, average pool and a linear classifier; inverted block by block."""
-    net = DTPNetwork({"arch": arch, "channels": [64, 128, 256, 512], "activation": "relu"}, (3, 32, 32), 10, seed=0)
+    net = DTPNetwork(model_config(arch, [64, 128, 256, 512], "relu"), (3, 32, 32), 10, seed=0)
     assert [tuple(s) for s in net.block_output_shapes] == [
         (64, 32, 32), (64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (10,)]
     assert net.n_feedback == 5
@@ -153,7 +153,7 @@ def test_resnet_layout_matches_the_published_one(arch, stage_blocks):
 
 
 def test_basic_block_and_its_inverse_compute_the_published_formulas():
-    net = DTPNetwork({"arch": "resnet18", "channels": [2, 3, 3, 3], "activation": "relu"}, (2, 8, 8), 10, seed=0)
+    net = DTPNetwork(model_config("resnet18", [2, 3, 3, 3], "relu"), (2, 8, 8), 10, seed=0)
     f, g = net.forward_blocks[2].layers[0], net.feedback_blocks[2].layers[-1]
     x = torch.randn(3, 2, 8, 8)
     torch.testing.assert_close(f(x), torch.relu(f.conv2(torch.relu(f.conv1(x))) + f.shortcut(x)))
@@ -164,8 +164,8 @@ def test_basic_block_and_its_inverse_compute_the_published_formulas():
 
 
 @pytest.mark.parametrize("cfg, in_shape", [
-    ({"arch": "resnet18", "channels": [2, 3, 3, 4], "activation": "relu"}, (3, 8, 8)),
-    ({"arch": "lenet", "channels": [3, 4], "activation": "elu", "hidden": 6}, (3, 9, 9)),
+    (model_config("resnet18", [2, 3, 3, 4], "relu"), (3, 8, 8)),
+    (model_config("lenet", [3, 4], "elu", hidden=6), (3, 9, 9)),
 ])
 def test_init_symmetric_sets_every_feedback_weight_to_its_forward_twins_transpose(cfg, in_shape):
     """Layer j of a block pairs with layer L−1−j of its feedback block; inside a residual block by name."""
@@ -182,9 +182,9 @@ def test_init_symmetric_sets_every_feedback_weight_to_its_forward_twins_transpos
 
 
 @pytest.mark.parametrize("cfg, in_shape, message", [
-    ({"arch": "resnet18", "channels": [4, 8, 8], "activation": "relu"}, (3, 32, 32), "exactly 4 model.channels"),
-    ({"arch": "resnet34", "channels": [4, 8, 8, 8], "activation": "relu"}, (3, 6, 6), "at least 8x8, not 6x6"),
-    ({"arch": "lenet", "channels": [4] * 6, "activation": "elu", "hidden": 8}, (1, 28, 28), "at most 5"),
+    (model_config("resnet18", [4, 8, 8], "relu"), (3, 32, 32), "exactly 4 model.channels"),
+    (model_config("resnet34", [4, 8, 8, 8], "relu"), (3, 6, 6), "at least 8x8, not 6x6"),
+    (model_config("lenet", [4] * 6, "elu", hidden=8), (1, 28, 28), "at most 5"),
 ])
 def test_a_network_that_does_not_fit_its_config_or_input_is_a_clear_error(cfg, in_shape, message):
     with pytest.raises(ConfigError, match=message):
@@ -193,7 +193,7 @@ def test_a_network_that_does_not_fit_its_config_or_input_is_a_clear_error(cfg, i
 
 def test_model_hidden_must_be_a_positive_integer():
     with pytest.raises(ConfigError, match="model.hidden must be a positive integer"):
-        validate(merge(DEFAULTS, {"model": {"hidden": 0}}))
+        build({"model": {"channels": [8], "hidden": 0}})
 
 
 # Tiny widths and one feedback iteration per block: seconds per architecture.

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from conftest import SMOKE
+from conftest import SMOKE, model_config
 from dtp import config as config_lib
 from dtp.errors import UserError
 from dtp.feedback import make_feedback_optimizers
@@ -116,13 +116,13 @@ def test_every_row_of_a_block_is_trained_once_over_replicas_and_parts():
         assert rows[0][0] == 0 and rows[-1][1] == 32
         assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
         assert layouts[0].block_ranks(i) == [o for r in range(2) for o in (3 * r + j for j in plan.owners[i - 1])]
-    assert [l.leader for l in layouts] == [0, 0, 0, 3, 3, 3]
+    assert [l.replica_leader for l in layouts] == [0, 0, 0, 3, 3, 3]
     assert layouts[4].local_rows(1, 1, 32) == slice(layouts[4].rows(1, 1, 32).start - 16,
                                                     layouts[4].rows(1, 1, 32).stop - 16)
 
 
 def smoke_network():
-    return DTPNetwork({"arch": "simple_vgg", "channels": [4, 4, 8, 8, 8], "activation": "elu"}, (3, 32, 32), 10, 0)
+    return DTPNetwork(model_config("simple_vgg", [4, 4, 8, 8, 8], "elu"), (3, 32, 32), 10, 0)
 
 
 def test_the_exchange_ships_each_worker_its_rows_and_brings_back_each_block_once():

@@ -304,8 +304,8 @@ def test_each_dataset_and_algorithm_starts_from_its_published_config(dataset, al
     for key, value in expected.items():
         node = cfg
         for part in key.split("."):
-            node = node[part]
-        assert node == value, key
+            node = getattr(node, part)
+        assert node == (tuple(value) if isinstance(value, list) else value), key
 
 
 @pytest.mark.parametrize("sets,message", [

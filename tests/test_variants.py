@@ -85,11 +85,11 @@ def reference_feedback_training(net: DTPNetwork, cfg: dict, x: torch.Tensor, rul
     mean_losses = []
     for i in range(1, net.n_feedback + 1):
         f, g, h = net.forward_blocks[i], net.feedback_blocks[i], inputs[i]
-        noise = BlockNoise(cfg["seed"], i, step, slice(0, BATCH), h.device)
+        noise = BlockNoise(cfg.seed, i, step, slice(0, BATCH), h.device)
         with torch.no_grad():
             y = f(h)[0]
         losses = []
-        for _ in range(cfg["feedback"]["iterations"][i - 1]):
+        for _ in range(cfg.feedback.iterations[i - 1]):
             dx, dy = noise.draw(SAMPLES, h, y, NOISE[i - 1])
             loss = loss_of(f, g, h, dx, dy)
             grads = torch.autograd.grad(loss, list(g.parameters()), allow_unused=True)

@@ -5,16 +5,16 @@ import copy
 import time
 from dataclasses import replace
 from functools import partial
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from dtp.config import Config
 from dtp.feedback import BlockSettings, train_block
 from dtp.hooks import BlockShard
 from dtp.models import DTPNetwork
-from dtp.parallel.layout import DistContext, all_reduce_flat
-from dtp.parallel.planning import LEADER, Costs, split_rows
+from dtp.parallel.layout import MAIN_RANK, DistContext, Topology, all_reduce_flat
+from dtp.parallel.planning import Costs, split_rows
 from dtp.runtime import Runtime, synchronize
 
 
@@ -40,7 +40,7 @@ def time_feedback_iteration(network: DTPNetwork, settings: BlockSettings, shard:
     return (time.perf_counter() - t0) / repeats
 
 
-def measure_feedback_costs(network: DTPNetwork, cfg: dict[str, Any], runtime: Runtime, ctx: DistContext,
+def measure_feedback_costs(network: DTPNetwork, cfg: Config, runtime: Runtime, ctx: DistContext,
                            replicas: int, max_pieces: int) -> Costs:
     """Seconds one batch of feedback training takes per block when its rows are split m ways,
     m = 1..max_pieces.
@@ -50,14 +50,13 @@ def measure_feedback_costs(network: DTPNetwork, cfg: dict[str, Any], runtime: Ru
     includes the gradient sums, the wait for the slowest part and the contention of busy neighbours.
     costs[m][i−1] is k_i × rank 0's time per iteration, the same on every rank.
     """
-    group_size = ctx.world_size // replicas
-    replica, local = divmod(ctx.rank, group_size)
-    replica_rows = split_rows(slice(0, cfg["batch_size"]), replicas, replica)
+    where = Topology(ctx.world_size, replicas, ctx.rank)
+    replica_rows = where.replica_rows(cfg.batch_size)
     teams: dict[int, tuple[int, dist.ProcessGroup | None] | None] = {}
     for m in range(1, max_pieces + 1):
         teams[m] = None
-        for t in range(group_size // m):
-            ranks = [r * group_size + t * m + j for r in range(replicas) for j in range(m)]
+        for t in range(where.group_size // m):
+            ranks = [where.global_rank(r, t * m + j) for r in range(replicas) for j in range(m)]
             group = dist.new_group(ranks) if len(ranks) > 1 else None
             if ctx.rank in ranks:
                 teams[m] = (t, group)
@@ -69,10 +68,10 @@ def measure_feedback_costs(network: DTPNetwork, cfg: dict[str, Any], runtime: Ru
             if team is not None:
                 t, group = team
                 reduce = None if group is None else partial(all_reduce_flat, group=group)
-                shard = BlockShard(split_rows(replica_rows, m, local - t * m), reduce, cfg["batch_size"])
+                shard = BlockShard(split_rows(replica_rows, m, where.group_rank - t * m), reduce, cfg.batch_size)
                 seconds[0] = time_feedback_iteration(network, BlockSettings.from_config(cfg, i), shard, runtime)
-            dist.broadcast(seconds, LEADER)
-            costs[m].append(cfg["feedback"]["iterations"][i - 1] * float(seconds))
+            dist.broadcast(seconds, MAIN_RANK)
+            costs[m].append(cfg.feedback.iterations[i - 1] * float(seconds))
     for team in teams.values():
         if team is not None and team[1] is not None:
             dist.destroy_process_group(team[1])

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
+from dtp.config import Config
 from dtp.errors import UserError
 from dtp.feedback import BlockSettings, train_block
 from dtp.hooks import BlockShard
@@ -58,7 +59,7 @@ class DistributedFeedback:
 
     network: DTPNetwork
     optimizers: list[torch.optim.Optimizer]
-    cfg: dict[str, Any]
+    cfg: Config
     runtime: Runtime
     groups: ProcessGroups
     costs: Costs
@@ -83,10 +84,10 @@ class DistributedFeedback:
         self.started = True
         pending, exchanges, inbound = [], {}, {}
         for r in layout.workers():
+            peer = layout.global_rank(layout.replica, r)
             exchanges[r] = step_exchange(self.network, self.optimizers, layout, r, header)
-            pending += send(exchanges[r].to_worker,
-                            lambda m, r=r: self._outgoing(m, r, block_inputs, batch_total), layout.leader + r)
-            inbound[r], works = receive(exchanges[r].to_leader, layout.leader + r, device)
+            pending += send(exchanges[r].to_worker, lambda m, r=r: self._outgoing(m, r, block_inputs, batch_total), peer)
+            inbound[r], works = receive(exchanges[r].to_leader, peer, device)
             pending += works
         losses: dict[int, Tensor] = {}
         block_s = [0.0] * self.network.n_feedback
@@ -115,7 +116,7 @@ class DistributedFeedback:
 
     def log(self, writer: SummaryWriter, step: int) -> None:
         layout = self.groups.layout
-        if step <= self.cfg["log"]["every"]:
+        if step <= self.cfg.log.every:
             writer.add_text("parallel/plan", format_plan(layout.plan, self.costs, layout.group_size), step)
         last = self.history[-1][1]
         writer.add_scalar("parallel/rank0_wait_s", last.leader_wait, step)
@@ -158,7 +159,7 @@ class DistributedFeedback:
             "speedup_bound": speedup_bound(plan, part_s, whole_s, rest),
             "speedup_estimate": (sum(whole_s) + rest) / wall,
             "peak_rss_mib": {str(layout.rank): peak_rss_mib(),
-                             **{str(layout.leader + r): v[3] for r, v in steps[-1].ranks.items()}},
+                             **{str(layout.global_rank(layout.replica, r)): v[3] for r, v in steps[-1].ranks.items()}},
         })
         return {"parallel": result}
 
@@ -167,7 +168,7 @@ class DistributedFeedback:
         broadcast_header(Header(CMD_ABORT if failed else CMD_STOP), self.groups, self.runtime.device)
 
 
-def run_worker(network: DTPNetwork, optimizers: list[torch.optim.Optimizer], cfg: dict[str, Any], runtime: Runtime,
+def run_worker(network: DTPNetwork, optimizers: list[torch.optim.Optimizer], cfg: Config, runtime: Runtime,
                groups: ProcessGroups) -> None:
     """A non-leader rank: train its parts of its feedback blocks each step until its leader says stop.
 
@@ -176,7 +177,7 @@ def run_worker(network: DTPNetwork, optimizers: list[torch.optim.Optimizer], cfg
     sends, compute_s the feedback training.
     """
     layout, device = groups.layout, runtime.device
-    me, leader = layout.group_rank, layout.leader
+    me, leader = layout.group_rank, layout.replica_leader
     sending: list = []
     while True:
         t0 = time.perf_counter()

@@ -22,6 +22,8 @@ from dtp.errors import UserError, report_error
 from dtp.hooks import BlockShard
 from dtp.parallel.planning import LEADER, FeedbackPlan, split_rows
 
+MAIN_RANK = 0  # global rank 0: reads the config and data, decides, logs and checkpoints
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -32,8 +34,8 @@ class DistContext:
     backend: str
 
     @property
-    def is_leader(self) -> bool:
-        return self.rank == LEADER
+    def is_main(self) -> bool:
+        return self.rank == MAIN_RANK
 
 
 def init_distributed(timeout_s: float) -> DistContext:
@@ -54,7 +56,7 @@ def init_distributed(timeout_s: float) -> DistContext:
     timeout = timedelta(seconds=timeout_s)
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-                          is_master=rank == LEADER and not agent_store, timeout=timeout)
+                          is_master=rank == MAIN_RANK and not agent_store, timeout=timeout)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group(backend, store=dist.PrefixStore(f"dtp/attempt_{attempt}", store), rank=rank,
                             world_size=world, timeout=timeout, device_id=device if backend == "nccl" else None)
@@ -64,33 +66,33 @@ def init_distributed(timeout_s: float) -> DistContext:
 T = TypeVar("T")
 
 
-def decided_by_leader(ctx: DistContext, decide: Callable[[], T]) -> T:
+def decided_on_main_rank(ctx: DistContext, decide: Callable[[], T]) -> T:
     """Run `decide` on rank 0 alone and give every rank its result.
 
     A UserError there reaches every rank too, so the others exit quietly with it instead of failing on
     a closed connection; rank 0 prints it before any other rank can learn of it and exit.
     """
     box: list = [None]
-    if ctx.is_leader:
+    if ctx.is_main:
         try:
             box = [decide()]
         except UserError as exc:
             report_error(exc)
             box = [exc]
-    dist.broadcast_object_list(box, src=LEADER)
+    dist.broadcast_object_list(box, src=MAIN_RANK)
     if isinstance(box[0], UserError):
         raise box[0]
     return box[0]
 
 
 @dataclass(frozen=True)
-class Layout:
-    """One rank's place in R replicas of a layer-parallel group running `plan`: plain values, no processes."""
+class Topology:
+    """One rank's place among R replicas of a G-rank layer-parallel group: plain values, no processes.
+    Every rank computation (which replica, which group rank, which rows) is one of its methods."""
 
     world_size: int
     replicas: int
     rank: int
-    plan: FeedbackPlan
 
     @property
     def group_size(self) -> int:
@@ -105,10 +107,13 @@ class Layout:
         """This rank's place in its layer-parallel group; not torchrun's LOCAL_RANK, which counts per node."""
         return self.rank % self.group_size
 
+    def global_rank(self, replica: int, group_rank: int) -> int:
+        return replica * self.group_size + group_rank
+
     @property
-    def leader(self) -> int:
-        """The global rank of this replica's leader."""
-        return self.replica * self.group_size
+    def replica_leader(self) -> int:
+        """The global rank of this replica's leader (its group rank LEADER)."""
+        return self.global_rank(self.replica, LEADER)
 
     @property
     def is_replica_leader(self) -> bool:
@@ -119,6 +124,13 @@ class Layout:
 
     def replica_rows(self, batch: int) -> slice:
         return split_rows(slice(0, batch), self.replicas, self.replica)
+
+
+@dataclass(frozen=True)
+class Layout(Topology):
+    """A Topology and the feedback plan its groups run: who trains which rows of which block."""
+
+    plan: FeedbackPlan
 
     def rows(self, i: int, group_rank: int, batch: int) -> slice:
         """The rows of the full batch that `group_rank` of this replica trains block i on."""
@@ -132,7 +144,7 @@ class Layout:
 
     def block_ranks(self, i: int) -> list[int]:
         """The global ranks, in every replica, that train a part of block i and sum its gradients."""
-        return [r * self.group_size + o for r in range(self.replicas) for o in self.plan.owners[i - 1]]
+        return [self.global_rank(r, o) for r in range(self.replicas) for o in self.plan.owners[i - 1]]
 
 
 def all_reduce_flat(tensors: list[Tensor], group: dist.ProcessGroup | None) -> None:
@@ -155,10 +167,10 @@ class ProcessGroups:
         self.leaders: dist.ProcessGroup | None = None
         if layout.replicas > 1:
             for r in range(layout.replicas):
-                group = dist.new_group(list(range(r * g, (r + 1) * g)))
+                group = dist.new_group([layout.global_rank(r, k) for k in range(g)])
                 if r == layout.replica:
                     self.replica = group
-            self.leaders = dist.new_group([r * g for r in range(layout.replicas)])
+            self.leaders = dist.new_group([layout.global_rank(r, LEADER) for r in range(layout.replicas)])
         self.blocks: dict[int, dist.ProcessGroup] = {}
         for i in range(1, len(layout.plan.owners) + 1):
             ranks = layout.block_ranks(i)
@@ -182,7 +194,7 @@ class ReplicaGroup:
 
     @property
     def is_main(self) -> bool:
-        return self.groups.layout.rank == LEADER
+        return self.groups.layout.rank == MAIN_RANK
 
     def rows(self, batch: int) -> slice:
         return self.groups.layout.replica_rows(batch)

@@ -5,6 +5,7 @@ are split m ways, m = 1, 2, ...), measured at start-up by dtp.parallel.costs, or
 """
 from __future__ import annotations
 
+import argparse
 import itertools
 import math
 from dataclasses import dataclass
@@ -88,6 +89,16 @@ def schedule(pieces: list[int], costs: Costs, group_size: int) -> FeedbackPlan:
             ready[r] = finish
         owners[i - 1] = tuple(ranks)
     return FeedbackPlan(tuple(owners), tuple(order), max(ready))
+
+
+def parse_split(value: str) -> str | list[int]:
+    """--split as the planner takes it: 'auto', 'none' or the parts per block (an argparse type)."""
+    if value in ("auto", "none"):
+        return value
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, none or part counts like 2,1,1,1,1, got {value!r}") from None
 
 
 def check_split(n: int, max_pieces: int, group_size: int, split: str | list[int]) -> None:

@@ -46,7 +46,7 @@ class Header:
 def broadcast_header(header: Header | None, groups: ProcessGroups, device: torch.device) -> Header:
     """The leader passes its header, a worker None; both get the leader's header back."""
     tensor = header.to_tensor(device) if header else torch.zeros(4, dtype=torch.int64, device=device)
-    dist.broadcast(tensor, groups.layout.leader, group=groups.replica)
+    dist.broadcast(tensor, groups.layout.replica_leader, group=groups.replica)
     return Header.from_tensor(tensor)
 
 
