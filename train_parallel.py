@@ -130,13 +130,14 @@ def main() -> None:
 
 def run_main_rank(setup: RankSetup, start: RunStart, max_steps: int | None) -> None:
     """The main rank (global rank 0): lead replica 0 on its own data and checkpoint, write the outputs, and report."""
-    result = lead_replica(setup, start.data, start.run.resume_state, start.run.out_dir, max_steps)
-    report(result, start.run.out_dir)
+    run = start.run
+    result = lead_replica(setup, start.data, run.resume_state, run.out_dir, max_steps, history=run.resume_dir)
+    report(result, run.out_dir)
 
 
 def run_replica_leader(setup: RankSetup, resume_state: dict[str, Any] | None, max_steps: int | None) -> None:
     """The leader of another replica: train on its own rows of the same batches, writing no outputs."""
-    lead_replica(setup, load_data(setup.cfg), resume_state, None, max_steps)
+    lead_replica(setup, load_data(setup.cfg), resume_state, None, max_steps, history=None)
 
 
 def run_worker_rank(setup: RankSetup) -> None:
@@ -147,7 +148,7 @@ def run_worker_rank(setup: RankSetup) -> None:
 
 
 def lead_replica(setup: RankSetup, data: DatasetSplits, resume_state: dict[str, Any] | None,
-                 out_dir: Path | None, max_steps: int | None) -> FitResult:
+                 out_dir: Path | None, max_steps: int | None, history: Path | None) -> FitResult:
     """Run the training loop, with the replica's feedback blocks spread over its ranks; release them at the end.
 
     A UserError is printed (by rank 0 only) before the workers are released, since they exit then.
@@ -158,7 +159,7 @@ def lead_replica(setup: RankSetup, data: DatasetSplits, resume_state: dict[str, 
     try:
         if resume_state is not None:
             trainer.load_state_dict(resume_state)
-        result = trainer.fit(data, out_dir, max_steps)
+        result = trainer.fit(data, out_dir, max_steps, history)
     except BaseException as exc:
         if isinstance(exc, UserError):
             report_error(exc, show=setup.groups.layout.rank == MAIN_RANK)

@@ -26,7 +26,7 @@ def main() -> None:
     trainer = sequential_trainer(cfg, network, runtime)
     if run.resume_state is not None:
         trainer.load_state_dict(run.resume_state)
-    result = trainer.fit(data, run.out_dir, run.max_steps)
+    result = trainer.fit(data, run.out_dir, run.max_steps, history=run.resume_dir)
     if result.summary is None:  # stopped by a signal, with a checkpoint to resume from
         return
     summary = result.summary

@@ -16,7 +16,8 @@ CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 
 
-def _atomic_write(path: Path, write: Any) -> None:
+def atomic_write(path: Path, write: Any) -> None:
+    """Call write(f) on a temporary file beside path, then rename it over path: readers see old or new, whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -34,13 +35,13 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 def save_checkpoint(out_dir: str | Path, state: dict[str, Any]) -> Path:
     path = Path(out_dir) / CHECKPOINT
-    _atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
     return path
 
 
 def save_summary(out_dir: str | Path, summary: dict[str, Any]) -> Path:
     path = Path(out_dir) / SUMMARY
-    _atomic_write(path, lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
+    atomic_write(path, lambda f: f.write((json.dumps(summary, indent=2) + "\n").encode()))
     return path
 
 

@@ -45,6 +45,7 @@ class Run:
     out_dir: Path
     max_steps: int | None
     resume_state: dict[str, Any] | None
+    resume_dir: Path | None = None  # where resume_state came from: its metrics.jsonl is continued
 
 
 def resolve_run(args: argparse.Namespace) -> Run:
@@ -66,7 +67,7 @@ def resolve_run(args: argparse.Namespace) -> Run:
     if args.max_steps is not None and args.max_steps <= 0:
         raise UserError(f"--max-steps must be positive, got {args.max_steps}")
     out = args.out or resume_dir or f"runs/{cfg.dataset}-{cfg.algorithm}"
-    return Run(cfg, Path(out), args.max_steps, resume_state)
+    return Run(cfg, Path(out), args.max_steps, resume_state, Path(resume_dir) if resume_dir else None)
 
 
 def build_network(cfg: config_lib.Config, input_shape: tuple[int, int, int], num_classes: int) -> DTPNetwork:

@@ -100,8 +100,9 @@ class EarlyStoppingConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    every: PositiveInt = 10
-    angles_every: PositiveInt = 50
+    every: PositiveInt = 10  # steps between logged records (TensorBoard and metrics.jsonl)
+    angles_every: PositiveInt = 50  # steps between comparisons with backprop
+    progress_s: PositiveFloat = 30.0  # seconds between progress lines when stdout is not a terminal
 
 
 @dataclass(frozen=True)

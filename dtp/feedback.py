@@ -12,7 +12,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor
-from torch.utils.tensorboard import SummaryWriter
 
 from dtp.algorithm import VARIANTS, FeedbackLoss, train_feedback_block
 from dtp.config import Config
@@ -28,8 +27,12 @@ class FeedbackPhase(Protocol):
         """Train G_1..G_N on their inputs h_0..h_{N-1} (this process's rows of a batch of `batch_total`);
         return each block's mean feedback loss (its algorithm's, VARIANTS) over the full batch."""
 
-    def log(self, writer: SummaryWriter, step: int) -> None:
-        """Write this phase's own per-step figures (timings) to TensorBoard."""
+    def describe(self) -> dict[str, Any]:
+        """How the phase is spread over processes (world_size, replicas, group_size, the plan as text);
+        empty in one process."""
+
+    def step_figures(self) -> dict[str, float]:
+        """This phase's own figures of its last step (per-rank timing), by TensorBoard tag."""
 
     def summary(self) -> dict[str, Any]:
         """Figures for summary.json."""
@@ -134,8 +137,11 @@ class LocalFeedback:
                               batch_total)
         return [losses[i] for i in sorted(losses)]
 
-    def log(self, writer: SummaryWriter, step: int) -> None:
-        pass
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def step_figures(self) -> dict[str, float]:
+        return {}
 
     def summary(self) -> dict[str, Any]:
         return {}

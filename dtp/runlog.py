@@ -1,11 +1,12 @@
-"""What a run reports while it trains, decided in one place: TensorBoard events and console lines.
+"""What a run reports while it trains, decided in one place and written to two sinks: TensorBoard
+events and metrics.jsonl receive the same records, keyed by the same tags; and console lines.
 
-Only the main data-parallel copy keeps a RunLog; the others show no progress bar.
+Only the main data-parallel copy keeps a RunLog.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -14,14 +15,9 @@ from dtp import config as config_lib
 from dtp.algorithm import VARIANTS
 from dtp.diagnostics import BackpropComparison, weight_alignment, whole_tensor_angle
 from dtp.feedback import FeedbackPhase
+from dtp.metrics_file import METRICS, MetricsFile
 from dtp.models import DTPNetwork, weight_pairs
 from dtp.step import StepResult
-
-
-def progress_bar(n_batches: int, epoch: int, show: bool) -> tqdm:
-    """The per-epoch bar, in a terminal only (tqdm decides), and never on a copy that is not the main one."""
-    return tqdm(total=n_batches, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True, leave=True,
-                disable=None if show else True)
 
 
 def epoch_prefix(epoch: int, ce: float, top1: float) -> str:
@@ -35,66 +31,89 @@ def step_prefix(step: int) -> str:
 
 
 class RunLog:
-    """What the main copy writes while it trains: TensorBoard events under out_dir, and console lines."""
+    """What the main copy writes while it trains, under out_dir.
 
-    def __init__(self, out_dir: Path, cfg: config_lib.Config, step: int) -> None:
+    Records are "start" (each time the run starts or resumes: its algorithm, layout and config),
+    "train" (every log.every steps and at the last step: training figures, timing, and the comparison
+    with backprop when computed) and "val" (each evaluation). Each carries its step, epoch
+    (step / steps per epoch) and wall_s, the seconds of training since the run first started, which a
+    resumed run continues (`elapsed`). A resumed run's metrics.jsonl continues `history`'s.
+    """
+
+    def __init__(self, out_dir: Path, cfg: config_lib.Config, step: int, feedback: FeedbackPhase | None,
+                 elapsed: Callable[[], float], steps_per_epoch: int, history: Path) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.cfg, self.out_dir = cfg, out_dir
+        self.cfg, self.out_dir, self.elapsed, self.steps_per_epoch = cfg, out_dir, elapsed, steps_per_epoch
         self.writer = SummaryWriter(log_dir=str(out_dir))
+        self.metrics = MetricsFile(out_dir / METRICS, history / METRICS, step)
         self.writer.add_text("config", "```\n" + config_lib.to_yaml(cfg) + "\n```", step)
+        layout = feedback.describe() if feedback is not None else {}
+        if "plan" in layout:
+            self.writer.add_text("parallel/plan", layout.pop("plan"), step)
+        self.metrics.write({**self._stamp("start", step), "algorithm": cfg.algorithm, "dataset": cfg.dataset,
+                            **layout, "config": cfg.to_dict()})
         self.last_alignment: dict[str, Any] = {}  # the latest figures, for summary.json
         self.last_bp_comparison: dict[str, Any] = {}
+
+    def _stamp(self, kind: str, step: int) -> dict[str, Any]:
+        return {"kind": kind, "step": step, "epoch": step / self.steps_per_epoch, "wall_s": self.elapsed()}
+
+    def _emit(self, kind: str, step: int, scalars: dict[str, float]) -> None:
+        """The one way a figure is logged: to TensorBoard and, as one record, to metrics.jsonl."""
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        self.metrics.write({**self._stamp(kind, step), **scalars})
 
     def training_from(self, step: int) -> None:
         """Printed once the stop signals are installed: whoever waits for this line may signal the run."""
         print(f"training from step {step}: SIGUSR1 or SIGTERM stops with a checkpoint", flush=True)
 
-    def after_step(self, step: int, last: bool, result: StepResult, lr: float, images_per_s: float,
-                   feedback: FeedbackPhase | None) -> None:
-        """Scalars every log.every steps and at the last step."""
-        w = self.writer
-        if step % self.cfg.log.every == 0 or last:
-            w.add_scalar("train/loss", float(result.ce_loss), step)
-            w.add_scalar("train/top1", float(result.top1), step)
-            w.add_scalar("train/forward_lr", lr, step)
-            w.add_scalar("train/images_per_s", images_per_s, step)
-            for i, l in enumerate(result.forward_losses):
-                w.add_scalar(f"forward_loss/block{i}", float(l), step)
-            for i, l in enumerate(result.feedback_losses, start=1):
-                w.add_scalar(f"feedback_loss/block{i}", float(l), step)
-            if feedback is not None:
-                feedback.log(w, step)
-
     def alignment_due(self, step: int, last: bool) -> bool:
         """DTP and its variants compare themselves with backprop every log.angles_every steps and at the end."""
         return VARIANTS[self.cfg.algorithm].trains_feedback and (step % self.cfg.log.angles_every == 0 or last)
 
-    def alignment(self, step: int, network: DTPNetwork, comparison: BackpropComparison) -> None:
+    def after_step(self, step: int, last: bool, result: StepResult, lr: float, images_per_s: float,
+                   feedback: FeedbackPhase | None, network: DTPNetwork,
+                   comparison: BackpropComparison | None) -> None:
+        """One "train" record: the training figures every log.every steps and at the last step, and the
+        comparison with backprop when it was computed (`alignment_due`)."""
+        scalars: dict[str, float] = {}
+        if step % self.cfg.log.every == 0 or last:
+            scalars.update({"train/loss": float(result.ce_loss), "train/top1": float(result.top1),
+                            "train/forward_lr": lr, "train/images_per_s": images_per_s})
+            scalars.update({f"forward_loss/block{i}": float(l) for i, l in enumerate(result.forward_losses)})
+            scalars.update({f"feedback_loss/block{i}": float(l)
+                            for i, l in enumerate(result.feedback_losses, start=1)})
+            if feedback is not None:
+                scalars.update(feedback.step_figures())
+        if comparison is not None:
+            scalars.update(self.alignment(step, network, comparison))
+        if scalars:
+            self._emit("train", step, scalars)
+
+    def alignment(self, step: int, network: DTPNetwork, comparison: BackpropComparison) -> dict[str, float]:
         """Per block: W against Bᵀ (per-filter angle, distance, whole-tensor angle) and the DTP update
         against the BP gradient; per parameter, the latter as the published callback logs it."""
-        w, figures = self.writer, {}
+        scalars, figures = {}, {}
         for i in range(1, network.n_feedback + 1):
             forward, feedback = network.forward_blocks[i], network.feedback_blocks[i]
             angle, distance = weight_alignment(forward, feedback)
             whole = whole_tensor_angle(weight_pairs(forward, feedback))
-            w.add_scalar(f"alignment/angle_block{i}", angle, step)
-            w.add_scalar(f"alignment/distance_block{i}", distance, step)
-            w.add_scalar(f"alignment/whole_tensor_angle_block{i}", whole, step)
+            scalars.update({f"alignment/angle_block{i}": angle, f"alignment/distance_block{i}": distance,
+                            f"alignment/whole_tensor_angle_block{i}": whole})
             figures[f"block{i}"] = {"angle": angle, "distance": distance, "whole_tensor_angle": whole}
         self.last_alignment = {"step": step, **figures}
         for i, (angle, distance) in enumerate(comparison.blocks):
-            w.add_scalar(f"bp_comparison/angle_block{i}", angle, step)
-            w.add_scalar(f"bp_comparison/distance_block{i}", distance, step)
+            scalars.update({f"bp_comparison/angle_block{i}": angle, f"bp_comparison/distance_block{i}": distance})
         for name, (angle, distance) in comparison.parameters.items():
-            w.add_scalar(f"bp_comparison/angle/{name}", angle, step)
-            w.add_scalar(f"bp_comparison/distance/{name}", distance, step)
+            scalars.update({f"bp_comparison/angle/{name}": angle, f"bp_comparison/distance/{name}": distance})
         self.last_bp_comparison = {"step": step, **{
             f"block{i}": {"angle": angle, "distance": distance} for i, (angle, distance) in enumerate(comparison.blocks)
         }}
+        return scalars
 
     def evaluation(self, step: int, metrics: dict[str, float], prefix: str) -> None:
-        for key, value in metrics.items():
-            self.writer.add_scalar(f"val/{key}", value, step)
+        self._emit("val", step, {f"val/{key}": value for key, value in metrics.items()})
         tqdm.write(f"{prefix}{_format_metrics(metrics)}")
 
     def early_stop(self, best: float, patience: int) -> None:
@@ -115,6 +134,7 @@ class RunLog:
                 run_name=".",
             )
         self.writer.close()
+        self.metrics.close()
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:

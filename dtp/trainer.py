@@ -27,7 +27,8 @@ from dtp.metrics import AverageMeter
 from dtp.models import DTPNetwork
 from dtp.optim import build_forward_optimizer
 from dtp.replica import DataReplica, WholeBatch
-from dtp.runlog import RunLog, epoch_prefix, progress_bar, step_prefix
+from dtp.progress import ProgressLines, progress_bar, progress_lines
+from dtp.runlog import RunLog, epoch_prefix, step_prefix
 from dtp.runtime import Runtime
 from dtp.step import StepResult, check_finite, evaluate_network, full_batch_figures, train_step
 from dtp.stopping import EarlyStopping, StopSignal
@@ -63,6 +64,7 @@ class Trainer:
         self.early_stopping = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta)
         self.stopped_early = False
         self._log: RunLog | None = None
+        self.progress: ProgressLines | None = None
 
     @property
     def log(self) -> RunLog:
@@ -86,7 +88,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state()},
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
-            "wall_time_s": self.wall_before + time.perf_counter() - self.started,
+            "wall_time_s": self.elapsed(),
             "early_stopping": {"best": self.early_stopping.best, "bad_evaluations": self.early_stopping.bad_evaluations},
             "config": self.cfg.to_dict(),
         }
@@ -110,17 +112,23 @@ class Trainer:
         self.early_stopping.best = early.get("best", -math.inf)
         self.early_stopping.bad_evaluations = early.get("bad_evaluations", 0)
 
-    def fit(self, data: DatasetSplits, out_dir: Path | None, max_steps: int | None = None) -> FitResult:
+    def elapsed(self) -> float:
+        """Seconds of training since the run first started: a resumed run continues its checkpoint's clock."""
+        return self.wall_before + time.perf_counter() - self.started
+
+    def fit(self, data: DatasetSplits, out_dir: Path | None, max_steps: int | None = None,
+            history: Path | None = None) -> FitResult:
         """Train until cfg.epochs (or max_steps steps in total); evaluate and checkpoint after each epoch.
 
-        Every copy stops at the same step: at the end, on a signal, or on a NaN loss (an error).
+        Every copy stops at the same step: at the end, on a signal, or on a NaN loss (an error). history is
+        the run directory whose metrics.jsonl a resumed run continues: the one it resumes (default out_dir).
         """
         train_loader, test_loader = _loaders(data, self.cfg)
         self.steps_per_epoch = len(train_loader)
         total_steps = self.cfg.epochs * self.steps_per_epoch
         if max_steps is not None:
             total_steps = min(total_steps, max_steps)
-        self.start(out_dir)
+        self.start(out_dir, total_steps, history or out_dir)
         metrics: dict[str, float] = {}
         evaluated_at, stopping, early = -1, False, False
         while self.step < total_steps and not stopping and not early:
@@ -138,15 +146,18 @@ class Trainer:
             self.save_checkpoint(out_dir)
         return FitResult(self.step, summary=self.finish(out_dir, metrics))
 
-    def start(self, out_dir: Path | None) -> None:
-        """Open the main copy's log and listen for stop signals; the clock starts here."""
+    def start(self, out_dir: Path | None, total_steps: int, history: Path | None) -> None:
+        """Open the main copy's log and progress lines and listen for stop signals; the clock starts here."""
+        self.started = time.perf_counter()
         if self.replica.is_main:
-            assert out_dir is not None
-            self._log = RunLog(out_dir, self.cfg, self.step)
+            assert out_dir is not None and history is not None
+            self._log = RunLog(out_dir, self.cfg, self.step, self.feedback, self.elapsed, self.steps_per_epoch,
+                               history)
+        self.progress = progress_lines(self.cfg.log.progress_s, total_steps, self.steps_per_epoch,
+                                       show=self.replica.is_main)
         self.stop.install()
         if self.replica.is_main:
             self.log.training_from(self.step)
-        self.started = time.perf_counter()
 
     def train_epoch(self, loader: BatchLoader, epoch: int, total_steps: int) -> tuple[bool, float, float]:
         """Train the rest of `epoch` (or up to total_steps); return (stop requested, mean loss, mean top-1)."""
@@ -171,6 +182,8 @@ class Trainer:
             bar.update()
             if self.replica.is_main:
                 self.log_step(x, y, result, batch_total / dt, last=self.step == total_steps)
+            if self.progress is not None:
+                self.progress.after_step(self.step, batch_total, dt, float(result.ce_loss))
             if stopping:
                 break
         bar.close()
@@ -188,10 +201,9 @@ class Trainer:
 
     def log_step(self, x: Tensor, y: Tensor, result: StepResult, images_per_s: float, last: bool) -> None:
         """The main copy's scalars after a step, and when due its comparison with backprop on the same batch."""
+        comparison = self.compare_to_backprop(x, y) if self.log.alignment_due(self.step, last) else None
         self.log.after_step(self.step, last, result, self.forward_opt.param_groups[0]["lr"], images_per_s,
-                            self.feedback)
-        if self.log.alignment_due(self.step, last):
-            self.log.alignment(self.step, self.network, self.compare_to_backprop(x, y))
+                            self.feedback, self.network, comparison)
 
     def compare_to_backprop(self, x: Tensor, y: Tensor) -> BackpropComparison:
         """dtp.diagnostics.compare_to_backprop on this copy's rows of the batch just trained on."""
@@ -240,7 +252,7 @@ class Trainer:
             "val_top5": metrics["top5"],
             "steps": self.step,
             "epochs": self.step / self.steps_per_epoch,
-            "wall_time_s": self.wall_before + time.perf_counter() - self.started,
+            "wall_time_s": self.elapsed(),
             "train_images_per_s": self.train_images / self.train_seconds if self.train_seconds else 0.0,
             "algorithm": self.cfg.algorithm,
             "dataset": self.cfg.dataset,

@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.tensorboard import SummaryWriter
 
 from dtp.config import Config
 from dtp.errors import UserError
@@ -46,6 +45,7 @@ class StepTiming:
     """What one step of the feedback phase cost, as seen by a replica leader."""
 
     block_s: list[float]
+    leader_compute: float
     leader_wait: float
     worker_busy: float
     phase: float
@@ -91,11 +91,13 @@ class DistributedFeedback:
             pending += works
         losses: dict[int, Tensor] = {}
         block_s = [0.0] * self.network.n_feedback
-        for i in layout.plan.blocks_of(LEADER):
+        leader_blocks = layout.plan.blocks_of(LEADER)
+        for i in leader_blocks:
             x = block_inputs[i - 1][layout.local_rows(i, LEADER, batch_total)]
             shard = self.groups.shard(i, LEADER, batch_total)
             losses[i], block_s[i - 1] = train_timed(self.network, self.optimizers[i - 1], x, step,
                                                     BlockSettings.from_config(self.cfg, i), self.runtime, shard)
+        leader_compute = sum(block_s[i - 1] for i in leader_blocks)
         wait0 = time.perf_counter()
         for work in pending:
             work.wait()
@@ -111,18 +113,22 @@ class DistributedFeedback:
                 else:
                     ranks[r] = tensor.tolist()
         busy = sum(t[0] + t[1] for t in ranks.values())
-        self.history.append((entry, StepTiming(block_s, wait, busy, time.perf_counter() - entry, ranks=ranks)))
+        timing = StepTiming(block_s, leader_compute, wait, busy, time.perf_counter() - entry, ranks=ranks)
+        self.history.append((entry, timing))
         return [losses[i] for i in range(1, self.network.n_feedback + 1)]
 
-    def log(self, writer: SummaryWriter, step: int) -> None:
+    def describe(self) -> dict[str, Any]:
         layout = self.groups.layout
-        if step <= self.cfg.log.every:
-            writer.add_text("parallel/plan", format_plan(layout.plan, self.costs, layout.group_size), step)
+        return {"world_size": layout.world_size, "replicas": layout.replicas, "group_size": layout.group_size,
+                "plan": format_plan(layout.plan, self.costs, layout.group_size)}
+
+    def step_figures(self) -> dict[str, float]:
+        """The last step's timing: the leader's own feedback training and wait, each worker's report."""
         last = self.history[-1][1]
-        writer.add_scalar("parallel/rank0_wait_s", last.leader_wait, step)
+        figures = {"parallel/rank0_compute_s": last.leader_compute, "parallel/rank0_wait_s": last.leader_wait}
         for r, values in last.ranks.items():
-            for name, value in zip(TIMING_FIELDS, values):
-                writer.add_scalar(f"parallel/rank{r}_{name}", value, step)
+            figures.update({f"parallel/rank{r}_{name}": value for name, value in zip(TIMING_FIELDS, values)})
+        return figures
 
     def summary(self) -> dict[str, Any]:
         """Parallel efficiency and the cost-model bound (docs/design.md §10) of one layer-parallel group.
@@ -137,8 +143,9 @@ class DistributedFeedback:
         steps = timed[1:] or timed
         layout = self.groups.layout
         plan = layout.plan
+        described = self.describe()
         result: dict[str, Any] = {
-            "world_size": layout.world_size, "replicas": layout.replicas, "group_size": layout.group_size,
+            **{key: described[key] for key in ("world_size", "replicas", "group_size")},
             "owners": {f"block{i}": list(o) for i, o in enumerate(plan.owners, start=1)},
         }
         if not steps:
