@@ -103,7 +103,7 @@ def choose_plan(start: RunStart, costs: Costs, args: argparse.Namespace,
 
 def main() -> None:
     args = parse_args()
-    ctx = init_distributed(args.timeout_s)
+    ctx = init_distributed(args.timeout_s, args.replicas)
     start = decided_on_main_rank(ctx, partial(decide_start, args, ctx.world_size))
     cfg = start.cfg
     network = start.network if ctx.is_main else build_network(cfg, start.input_shape, start.num_classes)
