@@ -82,6 +82,11 @@ class RankSetup:
 def decide_start(args: argparse.Namespace, world_size: int) -> RunStart:
     """Rank 0 alone reads the config, the data and the checkpoint, and checks the layout."""
     run = resolve_run(args)
+    if not VARIANTS[run.cfg.algorithm].feedback.inverts_forward:
+        raise UserError(f"--algorithm {run.cfg.algorithm}: the loss of each feedback map Q_i runs every forward block "
+                        f"after block i, so it does not split into independent per-block work; use train_sequential.py")
+    if run.cfg.precision != "float32":
+        raise UserError(f"precision {run.cfg.precision} is for train_sequential.py; train_parallel.py ships float32")
     data = load_data(run.cfg)
     network = build_network(run.cfg, data.input_shape, data.num_classes)
     if not VARIANTS[run.cfg.algorithm].trains_feedback:

@@ -39,12 +39,12 @@ class FeedbackPhase(Protocol):
 
 
 def make_feedback_optimizers(network: DTPNetwork, cfg: Config) -> list[torch.optim.Optimizer]:
-    """One optimiser per trainable feedback block (list index i−1 for G_i), with its own lr (feedback.*)."""
+    """One optimiser per trainable feedback module (list index i−1 for G_i, i for DRL's Q_i), with its own lr
+    (feedback.*)."""
     fb = cfg.feedback
     return [
-        make_optimizer(network.feedback_blocks[i].parameters(), fb.optimizer, fb.lr[i - 1], fb.momentum,
-                       fb.weight_decay)
-        for i in range(1, network.n_feedback + 1)
+        make_optimizer(module.parameters(), fb.optimizer, lr, fb.momentum, fb.weight_decay, fb.betas, fb.eps)
+        for module, lr in zip(network.trained_feedback, fb.lr, strict=True)
     ]
 
 

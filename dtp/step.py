@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dtp.algorithm import VARIANTS, forward_losses, forward_pass, propagate_targets
+from dtp.algorithm import VARIANTS, Variant, forward_pass
+from dtp.models import Indices
 from dtp.config import Config
 from dtp.data import BatchLoader
 from dtp.errors import TrainingError
@@ -45,7 +46,8 @@ def train_step(
     batch_total: int | None = None,
     replica: DataReplica = WholeBatch(),
 ) -> StepResult:
-    """One batch: feedback training, then targets and one forward optimiser step (DTP and its variants), or plain BP.
+    """One batch: feedback training, then targets and one forward optimiser step (DTP and its variants; DRL takes its
+    targets before the feedback step), or plain BP.
 
     x may be one data-parallel copy's rows of a batch of `batch_total` rows: the copies' forward
     gradients are summed before the step, so every copy takes the full-batch step.
@@ -64,12 +66,14 @@ def train_step(
     with runtime.autocast():
         outputs, indices = forward_pass(blocks, x)
     assert feedback is not None
+    if variant.targets_before_feedback:
+        targets = step_targets(variant, network, outputs, indices, labels, cfg, runtime)
     # Feedback training gets at least fp32 inputs whatever the autocast, so every FeedbackPhase sees the same tensors.
     fb_losses = feedback.train([at_least_fp32(h.detach()) for h in outputs[:-1]], step, batch_total)
+    if not variant.targets_before_feedback:
+        targets = step_targets(variant, network, outputs, indices, labels, cfg, runtime)
     with runtime.autocast():
-        targets = propagate_targets(list(network.feedback_blocks), outputs, indices, labels, cfg.forward.beta,
-                                    variant.difference_targets)
-        block_losses = forward_losses(outputs, targets, batch_total)
+        block_losses = variant.forward_loss(outputs, targets, batch_total)
     forward_opt.zero_grad(set_to_none=True)
     torch.stack(block_losses).sum().backward()
     replica.all_reduce([p.grad for p in network.forward_blocks.parameters() if p.grad is not None])
@@ -77,6 +81,14 @@ def train_step(
     logits = outputs[-1].detach()
     ce = F.cross_entropy(logits.float(), labels)
     return StepResult(logits, ce, [l.detach() for l in block_losses], fb_losses)
+
+
+def step_targets(variant: Variant, network: DTPNetwork, outputs: list[Tensor], indices: list[Indices],
+                 labels: Tensor, cfg: Config, runtime: Runtime) -> list[Tensor]:
+    """t_0..t_N by the variant's rule, from the feedback weights as they are now."""
+    assert variant.target_rule is not None
+    with runtime.autocast():
+        return variant.target_rule(list(network.feedback_blocks), outputs, indices, labels, cfg.forward.beta)
 
 
 def at_least_fp32(t: Tensor) -> Tensor:
@@ -109,9 +121,10 @@ def check_finite(result: StepResult, step: int, cfg: Config) -> None:
     values = torch.stack([result.ce_loss.float(), *[l.float() for l in result.forward_losses + result.feedback_losses]])
     if bool(torch.isfinite(values).all()):
         return
-    bad = [i + 1 for i, l in enumerate(result.feedback_losses) if not math.isfinite(float(l))]
+    first = VARIANTS[cfg.algorithm].feedback.first_trained  # G_1.. or DRL's Q_0..
+    bad = [i + first for i, l in enumerate(result.feedback_losses) if not math.isfinite(float(l))]
     if bad:
-        lrs = [cfg.feedback.lr[i - 1] for i in bad]
+        lrs = [cfg.feedback.lr[i - first] for i in bad]
         hint = f"feedback loss of block(s) {bad} is not finite; lower feedback.lr for them (now {lrs})"
     else:
         hint = f"the forward loss is not finite; lower forward.lr (now {cfg.forward.lr}) or forward.beta"

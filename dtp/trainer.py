@@ -21,6 +21,7 @@ from dtp.checkpoint import save_checkpoint, save_summary
 from dtp.config import Config
 from dtp.data import BatchLoader, DatasetSplits
 from dtp.diagnostics import BackpropComparison, compare_to_backprop
+from dtp.drl_training import feedback_only_epochs
 from dtp.errors import UserError
 from dtp.feedback import FeedbackPhase
 from dtp.metrics import AverageMeter
@@ -63,6 +64,7 @@ class Trainer:
         self.early_stopping = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta)
         self.stopped_early = False
         self._log: RunLog | None = None
+        self.feedback_only = feedback_only_epochs(cfg, network, feedback)  # DRL's s-DDTP passes, or None
 
     @property
     def log(self) -> RunLog:
@@ -88,6 +90,7 @@ class Trainer:
             "epoch": self.step // self.steps_per_epoch,
             "wall_time_s": self.wall_before + time.perf_counter() - self.started,
             "early_stopping": {"best": self.early_stopping.best, "bad_evaluations": self.early_stopping.bad_evaluations},
+            "feedback_only_batches": self.feedback_only.done if self.feedback_only else 0,  # drl's s-DDTP passes
             "config": self.cfg.to_dict(),
         }
 
@@ -109,6 +112,8 @@ class Trainer:
         early = state.get("early_stopping", {})  # checkpoints from before early stopping have none
         self.early_stopping.best = early.get("best", -math.inf)
         self.early_stopping.bad_evaluations = early.get("bad_evaluations", 0)
+        if self.feedback_only is not None:
+            self.feedback_only.done = state.get("feedback_only_batches", 0)
 
     def fit(self, data: DatasetSplits, out_dir: Path | None, max_steps: int | None = None) -> FitResult:
         """Train until cfg.epochs (or max_steps steps in total); evaluate and checkpoint after each epoch.
@@ -125,6 +130,9 @@ class Trainer:
         evaluated_at, stopping, early = -1, False, False
         while self.step < total_steps and not stopping and not early:
             epoch = self.step // self.steps_per_epoch
+            writer = self._log.writer if self._log else None
+            if self.feedback_only and self.feedback_only.run(train_loader, epoch, self.stop, writer):
+                return self.stopped(out_dir, checkpointed=False)
             stopping, ce, top1 = self.train_epoch(train_loader, epoch, total_steps)
             if self.step % self.steps_per_epoch == 0:
                 evaluated_at = self.step
@@ -197,7 +205,7 @@ class Trainer:
         """dtp.diagnostics.compare_to_backprop on this copy's rows of the batch just trained on."""
         rows = self.replica.rows(y.numel())
         x, y = x[rows].to(self.runtime.device), y[rows].to(self.runtime.device)
-        return compare_to_backprop(self.network, x, y, VARIANTS[self.cfg.algorithm].difference_targets)
+        return compare_to_backprop(self.network, x, y, VARIANTS[self.cfg.algorithm])
 
     def end_epoch(self, loader: BatchLoader, out_dir: Path | None, prefix: str) -> tuple[dict[str, float], bool]:
         """Step the lr schedule; the main copy evaluates and checkpoints; every copy learns whether to stop early."""
@@ -258,9 +266,14 @@ class Trainer:
 
 
 def _loaders(data: DatasetSplits, cfg: Config) -> tuple[BatchLoader, BatchLoader]:
-    """The shuffled training batches and the fixed-order evaluation batches."""
-    train = BatchLoader(data.train_x, data.train_y, cfg.batch_size, data.mean, data.std, train=True,
-                        seed=cfg.seed)
-    test = BatchLoader(data.test_x, data.test_y, cfg.eval_batch_size, data.mean, data.std, train=False,
-                       seed=cfg.seed)
+    """The shuffled (and, with cfg.augment, augmented) training batches and the fixed-order evaluation batches,
+    normalised per cfg.normalize, in cfg.precision."""
+    mean, std = data.mean, data.std
+    if cfg.normalize == "half":
+        mean, std = torch.full_like(mean, 0.5), torch.full_like(std, 0.5)
+    dtype = getattr(torch, cfg.precision)
+    train = BatchLoader(data.train_x, data.train_y, cfg.batch_size, mean, std, train=True, seed=cfg.seed,
+                        augmented=cfg.augment, dtype=dtype)
+    test = BatchLoader(data.test_x, data.test_y, cfg.eval_batch_size, mean, std, train=False, seed=cfg.seed,
+                       dtype=dtype)
     return train, test
