@@ -288,5 +288,6 @@ VARIANTS = {
     "parallel_dtp": Variant(INVERTED, feedback_loss, difference_targets),
     "bp": Variant(INVERTED, None, None),  # end-to-end backprop of the cross-entropy
     # Meulemans et al. (2020)'s DDTP-linear: direct maps Q_i, the DRL loss, direct targets (dtp/drl.py).
-    "drl": Variant(DIRECT, drl_loss, drl_targets, drl_forward_losses, drl_update_per_beta, targets_before_feedback=True),
+    "drl": Variant(DIRECT, drl_loss, drl_targets, drl_forward_losses, drl_update_per_beta,
+                   targets_before_feedback=True),
 }

@@ -270,9 +270,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.channels is not set; a config file gives the network and its per-block lists "
                           "(start from one in configs/), or give them with --set model.channels=[32,64,64]")
     _validate_drl(cfg)
-    for section in (cfg.feedback, cfg.forward):
+    for name, section in (("feedback", cfg.feedback), ("forward", cfg.forward)):
         if len(section.betas) != 2 or not all(b < 1 for b in section.betas):
-            name = "feedback" if section is cfg.feedback else "forward"
             raise ConfigError(f"{name}.betas must be two numbers in [0, 1), got {list(section.betas)}")
     iterations = cfg.feedback.iterations
     if cfg.algorithm == "parallel_dtp" and any(k != 1 for k in iterations):
