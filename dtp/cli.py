@@ -83,7 +83,7 @@ def sequential_trainer(cfg: config_lib.Config, network: DTPNetwork, runtime: Run
     """The Trainer train_sequential.py runs: every feedback block trained in this process (none for bp)."""
     if not VARIANTS[cfg.algorithm].trains_feedback:
         return Trainer(cfg, network, [], None, runtime)
-    feedback_optimizers = make_feedback_optimizers(network, cfg)
+    feedback_optimizers = make_feedback_optimizers(network, cfg, runtime.cuda_graphs)
     return Trainer(cfg, network, feedback_optimizers, LocalFeedback(network, feedback_optimizers, cfg, runtime), runtime)
 
 

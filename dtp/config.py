@@ -19,6 +19,7 @@ import yaml
 
 from dtp.algorithm import VARIANTS
 from dtp.errors import ConfigError
+from dtp.graphs import GRAPH_SETTINGS
 from dtp.optim import OPTIMIZERS
 
 ALGORITHMS = tuple(VARIANTS)
@@ -76,6 +77,9 @@ class FeedbackConfig:
     weight_decay: NonNegativeFloat = 0.0
     samples: PositiveInt = 1
     init_symmetric: bool = False  # start G's weights at the transposes of F's (its biases as initialised)
+    # Each block's k_i iterations as one CUDA graph, blocks on concurrent streams (dtp/graphs.py); off until
+    # measured on a GPU.
+    cuda_graphs: Annotated[str, OneOf(GRAPH_SETTINGS)] = "off"
 
 
 @dataclass(frozen=True)
@@ -149,6 +153,8 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list, got {value!r}")
         return tuple(_typed(v, get_args(hint)[0], f"every entry of {name}") for v in value)
+    if isinstance(rule, OneOf) and isinstance(value, bool) and {"on", "off"} <= set(rule.choices):
+        value = "on" if value else "off"  # YAML 1.1 reads on and off (and yes, no) as booleans
     wanted = rule.wanted if isinstance(rule, AtLeast) else {bool: "true or false", int: "an integer",
                                                              float: "a number", str: "a string"}[hint]
     kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[hint]

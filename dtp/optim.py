@@ -23,19 +23,23 @@ STATE_KEYS = {torch.optim.SGD: ("momentum_buffer",), torch.optim.Adam: ("exp_avg
 
 
 def make_optimizer(params: Iterable[nn.Parameter], kind: str, lr: float, momentum: float,
-                   weight_decay: float) -> torch.optim.Optimizer:
-    """SGD (momentum, weight decay) or Adam (default betas; momentum unused), its state created as zeros."""
+                   weight_decay: float, capturable: bool = False) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay) or Adam (default betas; momentum unused), its state created as zeros.
+
+    `capturable` (a feedback loop captured as a CUDA graph): Adam keeps its step on the weights' device
+    and computes its bias corrections there; SGD needs nothing.
+    """
     params = list(params)
     if kind == "sgd":
         optimizer: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
         for p in params:
             optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
     elif kind == "adam":
-        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, capturable=capturable)
         for p in params:
             # As Adam itself creates it (a host scalar unless capturable), so its step is unchanged.
-            optimizer.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                      exp_avg_sq=torch.zeros_like(p))
+            step = torch.zeros((), device=p.device) if capturable else torch.tensor(0.0)
+            optimizer.state[p].update(step=step, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
     else:
         raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
     return optimizer

@@ -115,7 +115,7 @@ class Trainer:
 
         Every copy stops at the same step: at the end, on a signal, or on a NaN loss (an error).
         """
-        train_loader, test_loader = _loaders(data, self.cfg)
+        train_loader, test_loader = _loaders(data, self.cfg, self.runtime.device)
         self.steps_per_epoch = len(train_loader)
         total_steps = self.cfg.epochs * self.steps_per_epoch
         if max_steps is not None:
@@ -257,10 +257,11 @@ class Trainer:
         return summary
 
 
-def _loaders(data: DatasetSplits, cfg: Config) -> tuple[BatchLoader, BatchLoader]:
-    """The shuffled training batches and the fixed-order evaluation batches."""
-    train = BatchLoader(data.train_x, data.train_y, cfg.batch_size, data.mean, data.std, train=True,
-                        seed=cfg.seed)
-    test = BatchLoader(data.test_x, data.test_y, cfg.eval_batch_size, data.mean, data.std, train=False,
-                       seed=cfg.seed)
+def _loaders(data: DatasetSplits, cfg: Config, device: torch.device) -> tuple[BatchLoader, BatchLoader]:
+    """The shuffled training batches and the fixed-order evaluation batches, over the dataset moved to
+    `device` once: batches are gathered, augmented and normalised there, with no per-step copies."""
+    train = BatchLoader(data.train_x.to(device), data.train_y.to(device), cfg.batch_size, data.mean, data.std,
+                        train=True, seed=cfg.seed)
+    test = BatchLoader(data.test_x.to(device), data.test_y.to(device), cfg.eval_batch_size, data.mean, data.std,
+                       train=False, seed=cfg.seed)
     return train, test

@@ -19,7 +19,7 @@ from dtp import config as config_lib
 from dtp.cli import build_network, sequential_trainer
 from dtp.models import DTPNetwork
 from dtp.runtime import Runtime
-from dtp.seeding import BlockNoise
+from dtp.seeding import FEEDBACK_NOISE_STREAM, derive_seed
 
 # What each algorithm is: (the feedback weights' loss, the target rule). None: no feedback weights.
 RULES = {
@@ -85,12 +85,14 @@ def reference_feedback_training(net: DTPNetwork, cfg: dict, x: torch.Tensor, rul
     mean_losses = []
     for i in range(1, net.n_feedback + 1):
         f, g, h = net.forward_blocks[i], net.feedback_blocks[i], inputs[i]
-        noise = BlockNoise(cfg.seed, i, step, slice(0, BATCH), h.device)
+        # The run's noise, written out: one generator per (seed, block, step), each iteration dx then dy.
+        noise = torch.Generator().manual_seed(derive_seed(FEEDBACK_NOISE_STREAM, cfg.seed, i, step))
         with torch.no_grad():
             y = f(h)[0]
         losses = []
         for _ in range(cfg.feedback.iterations[i - 1]):
-            dx, dy = noise.draw(SAMPLES, h, y, NOISE[i - 1])
+            dx = NOISE[i - 1] * torch.randn((SAMPLES, *h.shape), generator=noise, dtype=h.dtype)
+            dy = NOISE[i - 1] * torch.randn((SAMPLES, *y.shape), generator=noise, dtype=y.dtype)
             loss = loss_of(f, g, h, dx, dy)
             grads = torch.autograd.grad(loss, list(g.parameters()), allow_unused=True)
             with torch.no_grad():
