@@ -24,6 +24,7 @@ from dtp.cli import Run, build_network, build_parser, exit_on_user_error, load_d
 from dtp.config import Config, to_yaml
 from dtp.data import DatasetSplits
 from dtp.errors import UserError, report_error
+from dtp.graphs import graphs_enabled
 from dtp.feedback import make_feedback_optimizers
 from dtp.models import DTPNetwork
 from dtp.parallel.costs import measure_feedback_costs
@@ -113,13 +114,15 @@ def main() -> None:
     cfg = start.cfg
     network = start.network if ctx.is_main else build_network(cfg, start.input_shape, start.num_classes)
     network.to(ctx.device)
-    runtime = Runtime(device=ctx.device, autocast=autocast_for(ctx.device, cfg.mixed_precision))
+    graphed = graphs_enabled(cfg.feedback.cuda_graphs, ctx.device)
+    runtime = Runtime(ctx.device, autocast_for(ctx.device, cfg.mixed_precision, cache_enabled=not graphed), graphed)
     costs = measure_feedback_costs(network, cfg, runtime, ctx, args.replicas, start.max_pieces)
     group_size = ctx.world_size // args.replicas
     plan, resume_state = decided_on_main_rank(ctx, partial(choose_plan, start, costs, args, group_size))
     set_seed(cfg.seed)
     groups = ProcessGroups(Layout(ctx.world_size, args.replicas, ctx.rank, plan))
-    setup = RankSetup(cfg, network, make_feedback_optimizers(network, cfg), runtime, groups, costs)
+    setup = RankSetup(cfg, network, make_feedback_optimizers(network, cfg, runtime.cuda_graphs), runtime, groups,
+                      costs)
     if ctx.is_main:
         run_main_rank(setup, start, args.max_steps)
     elif groups.layout.is_replica_leader:

@@ -89,8 +89,9 @@ def sequential_trainer(cfg: config_lib.Config, network: DTPNetwork, runtime: Run
     variant = VARIANTS[cfg.algorithm]
     if not variant.trains_feedback:
         return Trainer(cfg, network, [], None, runtime)
-    feedback_optimizers = make_feedback_optimizers(network, cfg)
-    phase = LocalFeedback if variant.feedback.inverts_forward else DirectFeedback
+    inverted = variant.feedback.inverts_forward  # DRL's direct maps train eagerly, never in a CUDA graph
+    feedback_optimizers = make_feedback_optimizers(network, cfg, runtime.cuda_graphs and inverted)
+    phase = LocalFeedback if inverted else DirectFeedback
     return Trainer(cfg, network, feedback_optimizers, phase(network, feedback_optimizers, cfg, runtime), runtime)
 
 

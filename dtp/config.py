@@ -18,17 +18,16 @@ from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from dtp.algorithm import VARIANTS
+from dtp.drl import check_drl_settings
 from dtp.errors import ConfigError
 from dtp.layers import ACTIVATIONS as ACTIVATION_LAYERS
+from dtp.graphs import GRAPH_SETTINGS
 from dtp.optim import OPTIMIZERS
 
 ALGORITHMS = tuple(VARIANTS)
 ARCHS = ("simple_vgg", "lenet", "resnet18", "resnet34", "mlp")
 ACTIVATIONS = tuple(ACTIVATION_LAYERS)
-INITS = ("default", "xavier_normal")
 MIXED_PRECISION = ("no", "bf16")
-PRECISIONS = ("float32", "float64")
-NORMALIZATIONS = ("dataset", "half")
 SCHEDULERS = ("cosine", "step", "none")
 PER_BLOCK_KEYS = ("iterations", "noise", "lr")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -58,7 +57,6 @@ PositiveInt = Annotated[int, AtLeast(0, True, "a positive integer")]
 NonNegativeInt = Annotated[int, AtLeast(0, False, "an integer ≥ 0")]
 PositiveFloat = Annotated[float, AtLeast(0, True, "a positive number")]
 NonNegativeFloat = Annotated[float, AtLeast(0, False, "a number ≥ 0")]
-ADAM_BETAS = (0.9, 0.999)  # torch's defaults
 
 
 @dataclass(frozen=True)
@@ -70,7 +68,7 @@ class ModelConfig:
     activation: Annotated[str, OneOf(ACTIVATIONS)] = "elu"  # every activation, feedback included
     hidden: PositiveInt = 512  # lenet only: units of its hidden linear layer
     bias: tuple[bool, ...] = ()  # mlp only: per linear layer, hidden ones then the classifier (empty: all)
-    init: Annotated[str, OneOf(INITS)] = "default"  # torch's default, or xavier_normal (weights) with zero biases
+    init: Annotated[str, OneOf(("default", "xavier_normal"))] = "default"  # xavier_normal: and zero biases
 
 
 @dataclass(frozen=True)
@@ -85,10 +83,13 @@ class FeedbackConfig:
     weight_decay: NonNegativeFloat = 0.0
     samples: PositiveInt = 1
     init_symmetric: bool = False  # start G's weights at the transposes of F's (its biases as initialised)
-    betas: tuple[NonNegativeFloat, ...] = ADAM_BETAS  # adam only
+    betas: tuple[NonNegativeFloat, ...] = (0.9, 0.999)  # adam only (torch's defaults)
     eps: PositiveFloat = 1e-8  # adam only
     fb_epochs: NonNegativeInt = 0  # drl (s-DDTP): feedback-only passes over the training set before epoch 0
     extra_fb_epochs: NonNegativeInt = 0  # drl (s-DDTP): feedback-only passes before every later epoch
+    # Each block's k_i iterations as one CUDA graph, blocks on concurrent streams (dtp/graphs.py); off until
+    # measured on a GPU.
+    cuda_graphs: Annotated[str, OneOf(GRAPH_SETTINGS)] = "off"
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class ForwardConfig:
     lr: PositiveFloat = 0.08
     lrs: tuple[PositiveFloat, ...] = ()  # one per forward block F_0..F_N instead of lr (empty: lr for all)
     normalize_lr: bool = False  # use lr / beta (Meulemans et al.'s normalize_lr), for lr and lrs alike
-    betas: tuple[NonNegativeFloat, ...] = ADAM_BETAS  # adam only
+    betas: tuple[NonNegativeFloat, ...] = (0.9, 0.999)  # adam only
     eps: tuple[PositiveFloat, ...] = ()  # adam only: one per forward block F_0..F_N (empty: 1e-8 for all)
     optimizer: Annotated[str, OneOf(OPTIMIZERS)] = "sgd"
     momentum: NonNegativeFloat = 0.9
@@ -132,9 +133,9 @@ class Config:
     batch_size: PositiveInt = 128
     eval_batch_size: PositiveInt = 500
     mixed_precision: Annotated[str, OneOf(MIXED_PRECISION)] = "no"
-    precision: Annotated[str, OneOf(PRECISIONS)] = "float32"  # the weights' and inputs' dtype
+    precision: Annotated[str, OneOf(("float32", "float64"))] = "float32"  # the weights' and inputs' dtype
     augment: bool = True  # random crop and flip of training batches (docs/design.md §8)
-    normalize: Annotated[str, OneOf(NORMALIZATIONS)] = "dataset"  # per-channel statistics, or mean 0.5 std 0.5
+    normalize: Annotated[str, OneOf(("dataset", "half"))] = "dataset"  # per-channel statistics, or 0.5 and 0.5
     model: ModelConfig = field(default_factory=ModelConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
@@ -169,6 +170,8 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list, got {value!r}")
         return tuple(_typed(v, get_args(hint)[0], f"every entry of {name}") for v in value)
+    if isinstance(rule, OneOf) and isinstance(value, bool) and {"on", "off"} <= set(rule.choices):
+        value = "on" if value else "off"  # YAML 1.1 reads on and off (and yes, no) as booleans
     wanted = rule.wanted if isinstance(rule, AtLeast) else {bool: "true or false", int: "an integer",
                                                              float: "a number", str: "a string"}[hint]
     kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[hint]
@@ -269,7 +272,7 @@ def validate(cfg: Config) -> None:
     if not cfg.model.channels:
         raise ConfigError("model.channels is not set; a config file gives the network and its per-block lists "
                           "(start from one in configs/), or give them with --set model.channels=[32,64,64]")
-    _validate_drl(cfg)
+    check_drl_settings(cfg)
     for name, section in (("feedback", cfg.feedback), ("forward", cfg.forward)):
         if len(section.betas) != 2 or not all(b < 1 for b in section.betas):
             raise ConfigError(f"{name}.betas must be two numbers in [0, 1), got {list(section.betas)}")
@@ -280,20 +283,6 @@ def validate(cfg: Config) -> None:
             f"set every entry to 1 (e.g. --set feedback.iterations={[1] * len(iterations)}) or use "
             f"configs/<dataset>_parallel_dtp.yaml"
         )
-
-
-def _validate_drl(cfg: Config) -> None:
-    """What only DRL has (feedback-only epochs) and what it cannot have (feedback weights tied to F's)."""
-    fb = cfg.feedback
-    if cfg.algorithm != "drl" and (fb.fb_epochs or fb.extra_fb_epochs):
-        raise ConfigError(f"feedback.fb_epochs and feedback.extra_fb_epochs are DRL's s-DDTP schedule, but the "
-                          f"algorithm is {cfg.algorithm}; set them to 0 or use --algorithm drl")
-    if cfg.algorithm == "drl" and fb.init_symmetric:
-        raise ConfigError("feedback.init_symmetric copies F's transposed weights into G, but DRL's feedback maps "
-                          "Q_i go from the output to block i and have no forward twin; set it to false")
-    if cfg.algorithm == "drl" and fb.samples != 1:
-        raise ConfigError(f"DRL draws one noise sample per feedback step, but feedback.samples is {fb.samples}; "
-                          f"set it to 1")
 
 
 def check_block_lists(cfg: Config, n_blocks: int) -> None:

@@ -10,14 +10,18 @@ have none.
 from __future__ import annotations
 
 from math import prod
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from dtp.errors import ConfigError
 from dtp.hooks import Autocast
 from dtp.models import FeedbackArchitecture, ForwardBlock
 from dtp.seeding import seeded_generator
+
+if TYPE_CHECKING:  # the config imports the algorithms, this module among them
+    from dtp.config import Config
 
 DRL_NOISE_STREAM = 0x44524C  # the first key of every DRL noise generator ("DRL")
 TRAINING_STEP, FEEDBACK_ONLY_STEP = 0, 1  # the two kinds of step Q is trained in, kept apart in the noise keys
@@ -110,3 +114,22 @@ def drl_update_per_beta(batch: int) -> float:
     """The output block's update as a multiple of β × BP's gradient of the mean cross-entropy: with
     t_L = h_L − β ∂CE_mean/∂h_L and the loss (1/B) Σ ‖h_L − t_L‖², the update is (2β/B) × BP's gradient."""
     return 2.0 / batch
+
+
+def check_drl_settings(cfg: Config) -> None:
+    """What only DRL has (feedback-only epochs) and what it cannot have (settings of G's training): a
+    ConfigError naming the key."""
+    fb, drl = cfg.feedback, cfg.algorithm == "drl"
+    problems = {
+        f"feedback.fb_epochs and feedback.extra_fb_epochs are DRL's s-DDTP schedule, but the algorithm is "
+        f"{cfg.algorithm}; set them to 0 or use --algorithm drl": not drl and (fb.fb_epochs or fb.extra_fb_epochs),
+        "feedback.init_symmetric copies F's transposed weights into G, but DRL's feedback maps Q_i go from the "
+        "output to block i and have no forward twin; set it to false": drl and fb.init_symmetric,
+        f"DRL draws one noise sample per feedback step, but feedback.samples is {fb.samples}; set it to 1":
+            drl and fb.samples != 1,
+        "feedback.cuda_graphs captures G's feedback loops; DRL's maps Q_i train eagerly: set it to off or auto":
+            drl and fb.cuda_graphs == "on",
+    }
+    for message, bad in problems.items():
+        if bad:
+            raise ConfigError(message)

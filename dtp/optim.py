@@ -23,11 +23,13 @@ STATE_KEYS = {torch.optim.SGD: ("momentum_buffer",), torch.optim.Adam: ("exp_avg
 
 
 def make_optimizer(params: Iterable[nn.Parameter] | list[dict[str, Any]], kind: str, lr: float, momentum: float,
-                   weight_decay: float, betas: tuple[float, ...] = (0.9, 0.999),
-                   eps: float = 1e-8) -> torch.optim.Optimizer:
+                   weight_decay: float, betas: tuple[float, ...] = (0.9, 0.999), eps: float = 1e-8,
+                   capturable: bool = False) -> torch.optim.Optimizer:
     """SGD (momentum, weight decay) or Adam (betas, eps; momentum unused), its state created as zeros.
 
     `params` are parameters, or parameter groups with their own settings (e.g. a per-block lr and eps).
+    `capturable` (a feedback loop captured as a CUDA graph): Adam keeps its step on the weights' device
+    and computes its bias corrections there; SGD needs nothing.
     """
     params = list(params)
     if kind == "sgd":
@@ -35,11 +37,12 @@ def make_optimizer(params: Iterable[nn.Parameter] | list[dict[str, Any]], kind: 
         for p in _parameters(optimizer):
             optimizer.state[p]["momentum_buffer"] = torch.zeros_like(p)
     elif kind == "adam":
-        optimizer = torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        optimizer = torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                     capturable=capturable)
         for p in _parameters(optimizer):
             # As Adam itself creates it (a host scalar unless capturable), so its step is unchanged.
-            optimizer.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
-                                      exp_avg_sq=torch.zeros_like(p))
+            step = torch.zeros((), device=p.device) if capturable else torch.tensor(0.0)
+            optimizer.state[p].update(step=step, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
     else:
         raise ValueError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
     return optimizer

@@ -120,7 +120,7 @@ class Trainer:
 
         Every copy stops at the same step: at the end, on a signal, or on a NaN loss (an error).
         """
-        train_loader, test_loader = _loaders(data, self.cfg)
+        train_loader, test_loader = _loaders(data, self.cfg, self.runtime.device)
         self.steps_per_epoch = len(train_loader)
         total_steps = self.cfg.epochs * self.steps_per_epoch
         if max_steps is not None:
@@ -265,15 +265,16 @@ class Trainer:
         return summary
 
 
-def _loaders(data: DatasetSplits, cfg: Config) -> tuple[BatchLoader, BatchLoader]:
+def _loaders(data: DatasetSplits, cfg: Config, device: torch.device) -> tuple[BatchLoader, BatchLoader]:
     """The shuffled (and, with cfg.augment, augmented) training batches and the fixed-order evaluation batches,
-    normalised per cfg.normalize, in cfg.precision."""
+    normalised per cfg.normalize, in cfg.precision, over the dataset moved to `device` once: batches are
+    gathered, augmented and normalised there, with no per-step copies."""
     mean, std = data.mean, data.std
     if cfg.normalize == "half":
         mean, std = torch.full_like(mean, 0.5), torch.full_like(std, 0.5)
     dtype = getattr(torch, cfg.precision)
-    train = BatchLoader(data.train_x, data.train_y, cfg.batch_size, mean, std, train=True, seed=cfg.seed,
-                        augmented=cfg.augment, dtype=dtype)
-    test = BatchLoader(data.test_x, data.test_y, cfg.eval_batch_size, mean, std, train=False, seed=cfg.seed,
-                       dtype=dtype)
+    train = BatchLoader(data.train_x.to(device), data.train_y.to(device), cfg.batch_size, mean, std, train=True,
+                        seed=cfg.seed, augmented=cfg.augment, dtype=dtype)
+    test = BatchLoader(data.test_x.to(device), data.test_y.to(device), cfg.eval_batch_size, mean, std, train=False,
+                       seed=cfg.seed, dtype=dtype)
     return train, test

@@ -103,7 +103,7 @@ def test_drl_trains_q_to_the_pseudo_inverse_where_ldrl_trains_g_to_the_transpose
     for step, lr in enumerate((0.2, 0.05, 0.01)):
         optimizer = torch.optim.SGD(g.parameters(), lr=lr)
         train_feedback_block(linear_block(jacobian), g, optimizer, h, 40, 1.0, 1,
-                             BlockNoise(0, 1, step, slice(0, 64), torch.device("cpu")))
+                             BlockNoise(torch.device("cpu")).start(0, 1, step, slice(0, 64), 64))
     trained_g = g.layers[0].weight.detach()
     assert (trained_g - jacobian.t()).norm() / jacobian.norm() < 0.1
     assert (trained_g - pinv).norm() / pinv.norm() > 0.5

@@ -350,3 +350,11 @@ def test_bf16_autocast_is_applied_and_stays_close_to_fp32(tmp_path, monkeypatch,
     assert any(not torch.equal(a["forward"][n], b["forward"][n]) for n in a["forward"])
     assert all(torch.isfinite(t).all() for key in ("forward", "feedback") for t in b[key].values())
     assert max_relative_difference(a, b, "forward") < 0.1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the switch is valid")
+def test_cuda_graphs_on_a_cpu_is_an_error(tmp_path, monkeypatch, capsys, tiny_npz):
+    proc = script_in_process(monkeypatch, capsys, "train_sequential.py", "--config", SMOKE, "--dataset", "npz",
+                             "--data-dir", str(tiny_npz), "--set", "feedback.cuda_graphs=on", "--out", str(tmp_path / "r"))
+    expect_error(proc, "feedback.cuda_graphs is on, but this process computes on cpu")
+    assert not (tmp_path / "r").exists()

@@ -21,7 +21,7 @@ from dtp.cli import build_network, sequential_trainer
 from dtp.drl import TRAINING_STEP, drl_noise_generator
 from dtp.models import DTPNetwork
 from dtp.runtime import Runtime
-from dtp.seeding import BlockNoise
+from dtp.seeding import FEEDBACK_NOISE_STREAM, derive_seed
 
 # What each algorithm is: (the feedback weights' loss, the target rule). None: no feedback weights.
 RULES = {
@@ -125,10 +125,13 @@ def reference_feedback_training(net: DTPNetwork, cfg: dict, x: torch.Tensor, rul
     mean_losses = []
     for i in range(1, net.n_feedback + 1):
         f, g, h = net.forward_blocks[i], net.feedback_blocks[i], inputs[i]
-        noise = BlockNoise(cfg.seed, i, step, slice(0, BATCH), h.device)
+        # The run's noise, written out: one generator per (seed, block, step), each iteration dx then dy.
+        noise = torch.Generator().manual_seed(derive_seed(FEEDBACK_NOISE_STREAM, cfg.seed, i, step))
         with torch.no_grad():
             y = f(h)[0]
-        draws = (noise.draw(SAMPLES, h, y, NOISE[i - 1]) for _ in range(cfg.feedback.iterations[i - 1]))
+        draws = ((NOISE[i - 1] * torch.randn((SAMPLES, *h.shape), generator=noise, dtype=h.dtype),
+                  NOISE[i - 1] * torch.randn((SAMPLES, *y.shape), generator=noise, dtype=y.dtype))
+                 for _ in range(cfg.feedback.iterations[i - 1]))
         mean_losses.append(sgd_steps(g, (loss_of(f, g, h, dx, dy) for dx, dy in draws)))
     return mean_losses
 
