@@ -207,6 +207,7 @@ def test_mlp_layers_biases_and_xavier_initialisation():
     (["algorithm=drl", "feedback.init_symmetric=true"], "DRL's feedback maps Q_i go from the output"),
     (["algorithm=drl", "feedback.samples=3"], "DRL draws one noise sample per feedback step"),
     (["feedback.betas=[0.9]"], "feedback.betas must be two numbers in \\[0, 1\\)"),
+    (["algorithm=drl", "feedback.cuda_graphs=on"], "DRL's maps Q_i train eagerly"),
 ])
 def test_drl_settings_are_checked(assignments, message):
     with pytest.raises(config_lib.ConfigError, match=message):
