@@ -7,8 +7,7 @@ p-DDTP: the Q's learn only alongside the forward weights, `feedback.iterations` 
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -85,7 +84,8 @@ class FeedbackOnlyEpochs:
     network: DTPNetwork
     feedback: DirectFeedback
     done: int = 0
-    losses: list[float] = field(default_factory=list)  # the latest batch's loss per map, for the pass's line
+    losses: Tensor | None = None  # the latest batch's loss per map, on the device
+    finite: Tensor | None = None  # on the device: whether every feedback-only loss so far was finite
 
     def due(self, epoch: int, batches_per_pass: int) -> int:
         """Feedback-only batches to have taken before training epoch `epoch` starts."""
@@ -96,36 +96,49 @@ class FeedbackOnlyEpochs:
         """Take the feedback-only batches due before `epoch`; True when a stop request ended them early."""
         passes = loader.with_seed(derive_seed(FEEDBACK_ONLY_ORDER_STREAM, self.cfg.seed))
         per_pass, target = len(loader), self.due(epoch, len(loader))
+        values: list[float] = []
         while self.done < target:
             pass_index, first = divmod(self.done, per_pass)
             batches = passes.epoch(pass_index, start=first)
             for _ in range(min(per_pass - first, target - self.done)):
                 if stop.received is not None:
+                    self.report(writer)  # before the checkpoint the stop writes
                     return True
                 x, _ = next(batches)
-                self.take_batch(x.to(self.feedback.runtime.device), writer)
+                self.take_batch(x.to(self.feedback.runtime.device))
+                if self.done % self.cfg.log.every == 0 or self.done % per_pass == 0:
+                    values = self.report(writer)
             if self.done % per_pass == 0:
-                tqdm.write(f"feedback-only pass {pass_index}: DRL loss per map "
-                           f"{[round(l, 4) for l in self.losses]}")
+                tqdm.write(f"feedback-only pass {pass_index}: DRL loss per map {[round(v, 4) for v in values]}")
         return False
 
-    def take_batch(self, x: Tensor, writer: SummaryWriter | None) -> None:
-        """One feedback-only batch: the forward pass without gradient, then each Q_i's steps on it."""
+    def take_batch(self, x: Tensor) -> None:
+        """One feedback-only batch: the forward pass without gradient, then each Q_i's steps on it; nothing is
+        read on the host."""
         runtime = self.feedback.runtime
         with torch.no_grad(), runtime.autocast():
             hidden = []
             for block in list(self.network.forward_blocks)[:-1]:
                 x, _ = block(x)
                 hidden.append(x.to(torch.promote_types(x.dtype, torch.float32)))
-        losses = [float(l) for l in self.feedback.train_feedback_only(hidden, self.done)]
-        if not all(math.isfinite(l) for l in losses):
-            raise TrainingError(f"NaN/inf DRL loss in feedback-only batch {self.done} (maps {losses}); lower "
-                                f"feedback.lr (now {list(self.cfg.feedback.lr)}). The last checkpoint was left intact.")
-        self.losses = losses
-        if writer is not None and self.done % self.cfg.log.every == 0:
-            for i, loss in enumerate(losses):
-                writer.add_scalar(f"feedback_only/loss_block{i}", loss, self.done)
+        self.losses = torch.stack(self.feedback.train_feedback_only(hidden, self.done))
+        finite = torch.isfinite(self.losses).all()
+        self.finite = finite if self.finite is None else self.finite & finite
         self.done += 1
+
+    def report(self, writer: SummaryWriter | None) -> list[float]:
+        """Read the latest losses on the host (every log.every batches, at a pass's end and before a stop's
+        checkpoint): stop on a NaN before it reaches a checkpoint, else log them and return them."""
+        if self.losses is None:
+            return []
+        if not bool(self.finite):
+            raise TrainingError(f"NaN/inf DRL loss in the feedback-only batches before batch {self.done}; lower "
+                                f"feedback.lr (now {list(self.cfg.feedback.lr)}). The last checkpoint was left intact.")
+        values = self.losses.tolist()
+        if writer is not None:
+            for i, value in enumerate(values):
+                writer.add_scalar(f"feedback_only/loss_block{i}", value, self.done)
+        return values
 
 
 def feedback_only_epochs(cfg: Config, network: DTPNetwork, feedback: FeedbackPhase | None) -> FeedbackOnlyEpochs | None:

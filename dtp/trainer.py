@@ -30,7 +30,7 @@ from dtp.optim import build_forward_optimizer
 from dtp.replica import DataReplica, WholeBatch
 from dtp.runlog import RunLog, epoch_prefix, progress_bar, step_prefix
 from dtp.runtime import Runtime
-from dtp.step import StepResult, check_finite, evaluate_network, full_batch_figures, train_step
+from dtp.step import FiniteWatch, StepResult, evaluate_network, full_batch_figures, train_step
 from dtp.stopping import EarlyStopping, StopSignal
 
 
@@ -62,6 +62,7 @@ class Trainer:
         self.train_seconds, self.train_images = 0.0, 0
         self.stop = StopSignal()
         self.early_stopping = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta)
+        self.finite = FiniteWatch()
         self.stopped_early = False
         self._log: RunLog | None = None
         self.feedback_only = feedback_only_epochs(cfg, network, feedback)  # DRL's s-DDTP passes, or None
@@ -164,7 +165,7 @@ class Trainer:
         bar = progress_bar(n_batches, epoch, show=self.replica.is_main)
         batches = loader.epoch(epoch, start=first)
         stopping = False
-        for _ in range(n_batches):
+        for b in range(n_batches):
             t0 = time.perf_counter()
             x, y = next(batches)
             result, stopping = self.train_batch(x, y)
@@ -172,10 +173,14 @@ class Trainer:
             batch_total = y.numel()
             self.train_seconds += dt
             self.train_images += batch_total
-            ce_meter.update(float(result.ce_loss), batch_total)
-            top1_meter.update(float(result.top1), batch_total)
+            ce_meter.update(result.ce_loss, batch_total)
+            top1_meter.update(result.top1, batch_total)
             self.step += 1
-            bar.set_postfix(loss=f"{ce_meter.avg:.3f}", top1=f"{top1_meter.avg:.3f}", img_s=f"{batch_total / dt:.0f}")
+            if self.step % self.cfg.log.every == 0 or stopping or b == n_batches - 1:
+                # Every copy reads its figures here, at the same steps: every log.every and before any checkpoint.
+                self.finite.check(self.cfg, self.network.n_feedback)
+                bar.set_postfix(loss=f"{ce_meter.avg:.3f}", top1=f"{top1_meter.avg:.3f}",
+                                img_s=f"{batch_total / dt:.0f}")
             bar.update()
             if self.replica.is_main:
                 self.log_step(x, y, result, batch_total / dt, last=self.step == total_steps)
@@ -191,7 +196,7 @@ class Trainer:
         result = train_step(self.network, self.forward_opt, self.feedback, x, y, self.cfg, self.step, self.runtime,
                             batch_total, self.replica)
         stopping = full_batch_figures(result, y, batch_total, self.stop.received is not None, self.replica)
-        check_finite(result, self.step, self.cfg)
+        self.finite.update(result, self.step)
         return result, stopping
 
     def log_step(self, x: Tensor, y: Tensor, result: StepResult, images_per_s: float, last: bool) -> None:
@@ -230,6 +235,7 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self, out_dir: Path) -> None:
+        self.finite.check(self.cfg, self.network.n_feedback)  # never a checkpoint of weights a NaN reached
         save_checkpoint(out_dir, self.state_dict())
 
     def stopped(self, out_dir: Path | None, checkpointed: bool) -> FitResult:

@@ -148,8 +148,8 @@ def stop_after_feedback_only_batch(monkeypatch: pytest.MonkeyPatch, batches: int
     monkeypatch.setattr(StopSignal, "install", lambda self: signals.append(self))
     take_batch = FeedbackOnlyEpochs.take_batch
 
-    def take_batch_then_stop(self, x, writer):
-        take_batch(self, x, writer)
+    def take_batch_then_stop(self, x):
+        take_batch(self, x)
         if self.done == batches:
             signals[-1].received = "SIGUSR1"
 

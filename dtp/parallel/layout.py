@@ -218,6 +218,10 @@ class ReplicaGroup:
     def is_main(self) -> bool:
         return self.groups.layout.rank == MAIN_RANK
 
+    @property
+    def copies(self) -> int:
+        return self.groups.layout.replicas
+
     def rows(self, batch: int) -> slice:
         return self.groups.layout.replica_rows(batch)
 
