@@ -1,14 +1,15 @@
 """metrics.jsonl: the run's logged figures as one JSON object a line, readable without TensorBoard.
 
 Each record is a single write(2) to a file opened for appending, so a killed run leaves whole lines (a
-reader still skips a last line that has no newline). A resumed run keeps the records up to the step of
-the checkpoint it resumes and appends from there: steps a killed run logged but never checkpointed are
-trained again, and logged once.
+reader still skips a last line that has no newline). A resumed run keeps the records its checkpoint
+holds and appends from there: steps a killed run logged but never checkpointed are trained again, and
+logged once.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,21 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _before_resume(record: dict[str, Any], resumed_at: int) -> bool:
-    """Whether a resumed run keeps this record: it happened up to the checkpoint's step, and is not the start
-    of an earlier attempt from that same checkpoint (the resumed run writes its own start record)."""
-    return record["step"] < resumed_at or (record["step"] == resumed_at and record["kind"] != "start")
+@dataclass(frozen=True)
+class Checkpointed:
+    """How far the checkpoint a run resumes from had come: its training step, and DRL's feedback-only
+    batches (s-DDTP passes run between epochs, at one training step)."""
+
+    step: int
+    feedback_only_batches: int = 0
+
+    def keeps(self, record: dict[str, Any]) -> bool:
+        """Whether the checkpoint was written after this record, so that the resumed run keeps it: records of
+        earlier steps, and those of its own step (logged before it was written) but a start record, which the
+        resumed run writes anew; feedback-only records by their batch count."""
+        if record["kind"] == "feedback_only":
+            return record["batch"] <= self.feedback_only_batches
+        return record["step"] < self.step or (record["step"] == self.step and record["kind"] != "start")
 
 
 def _encode(record: dict[str, Any]) -> bytes:
@@ -44,12 +56,13 @@ def _encode(record: dict[str, Any]) -> bytes:
 
 
 class MetricsFile:
-    """The metrics.jsonl a run appends to; it starts from `history`'s records through step `resumed_at`."""
+    """The metrics.jsonl a run appends to: empty for a new run; for a resumed one, `history`'s records
+    that its checkpoint holds."""
 
-    def __init__(self, path: Path, history: Path | None, resumed_at: int) -> None:
+    def __init__(self, path: Path, history: Path | None, resumed: Checkpointed | None) -> None:
         kept: list[dict[str, Any]] = []
-        if resumed_at > 0 and history is not None and history.is_file():
-            kept = [r for r in read_records(history) if _before_resume(r, resumed_at)]
+        if resumed is not None and history is not None and history.is_file():
+            kept = [r for r in read_records(history) if resumed.keeps(r)]
         atomic_write(path, lambda f: f.write(b"".join(_encode(r) for r in kept)))
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
 

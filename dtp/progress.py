@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Callable
 
+from torch import Tensor
 from tqdm import tqdm
 
 
@@ -33,7 +34,8 @@ class ProgressLines:
     epoch, step/steps, images per second, time left, the last step's training loss.
 
     Images per second count training time since the previous line; the estimate of the time left uses
-    the wall clock since the first step, evaluations and checkpoints included.
+    the wall clock since the first step, evaluations and checkpoints included. The loss stays where it was
+    computed until a line is printed: only then is it read on the host.
     """
 
     def __init__(self, every_s: float, total_steps: int, steps_per_epoch: int,
@@ -44,7 +46,7 @@ class ProgressLines:
         self.steps_done = 0
         self.images, self.train_s = 0, 0.0  # since the last line
 
-    def after_step(self, step: int, images: int, step_s: float, loss: float) -> None:
+    def after_step(self, step: int, images: int, step_s: float, loss: float | Tensor) -> None:
         now = self.clock()
         self.steps_done += 1
         self.images += images
@@ -55,7 +57,7 @@ class ProgressLines:
         left_s = (self.total_steps - step) * (now - self.started) / self.steps_done
         epoch = (step - 1) // self.steps_per_epoch
         print(f"epoch {epoch} step {step}/{self.total_steps} | {self.images / max(self.train_s, 1e-9):.1f} img/s | "
-              f"ETA {format_duration(left_s)} | loss {loss:.4f}", flush=True)
+              f"ETA {format_duration(left_s)} | loss {float(loss):.4f}", flush=True)
         self.last_line, self.images, self.train_s = now, 0, 0.0
 
 

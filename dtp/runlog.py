@@ -13,9 +13,9 @@ from tqdm import tqdm
 
 from dtp import config as config_lib
 from dtp.algorithm import VARIANTS
-from dtp.diagnostics import BackpropComparison, weight_alignment, whole_tensor_angle
+from dtp.diagnostics import BackpropComparison, aligned_blocks, weight_alignment, whole_tensor_angle
 from dtp.feedback import FeedbackPhase
-from dtp.metrics_file import METRICS, MetricsFile
+from dtp.metrics_file import METRICS, Checkpointed, MetricsFile
 from dtp.models import DTPNetwork, weight_pairs
 from dtp.step import StepResult
 
@@ -35,17 +35,19 @@ class RunLog:
 
     Records are "start" (each time the run starts or resumes: its algorithm, layout and config),
     "train" (every log.every steps and at the last step: training figures, timing, and the comparison
-    with backprop when computed) and "val" (each evaluation). Each carries its step, epoch
+    with backprop when computed), "val" (each evaluation) and, for DRL's s-DDTP, "feedback_only" (its
+    feedback-only batches' losses, with their count as "batch"). Each carries its step, epoch
     (step / steps per epoch) and wall_s, the seconds of training since the run first started, which a
     resumed run continues (`elapsed`). A resumed run's metrics.jsonl continues `history`'s.
     """
 
     def __init__(self, out_dir: Path, cfg: config_lib.Config, step: int, feedback: FeedbackPhase | None,
-                 elapsed: Callable[[], float], steps_per_epoch: int, history: Path) -> None:
+                 elapsed: Callable[[], float], steps_per_epoch: int, history: Path,
+                 resumed: Checkpointed | None) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.cfg, self.out_dir, self.elapsed, self.steps_per_epoch = cfg, out_dir, elapsed, steps_per_epoch
         self.writer = SummaryWriter(log_dir=str(out_dir))
-        self.metrics = MetricsFile(out_dir / METRICS, history / METRICS, step)
+        self.metrics = MetricsFile(out_dir / METRICS, history / METRICS, resumed)
         self.writer.add_text("config", "```\n" + config_lib.to_yaml(cfg) + "\n```", step)
         layout = feedback.describe() if feedback is not None else {}
         if "plan" in layout:
@@ -58,11 +60,12 @@ class RunLog:
     def _stamp(self, kind: str, step: int) -> dict[str, Any]:
         return {"kind": kind, "step": step, "epoch": step / self.steps_per_epoch, "wall_s": self.elapsed()}
 
-    def _emit(self, kind: str, step: int, scalars: dict[str, float]) -> None:
-        """The one way a figure is logged: to TensorBoard and, as one record, to metrics.jsonl."""
+    def _emit(self, kind: str, step: int, scalars: dict[str, float], batch: int | None = None) -> None:
+        """The one way a figure is logged: to TensorBoard (at `batch` for DRL's feedback-only batches, else at
+        `step`) and, as one record, to metrics.jsonl."""
         for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, step)
-        self.metrics.write({**self._stamp(kind, step), **scalars})
+            self.writer.add_scalar(tag, value, step if batch is None else batch)
+        self.metrics.write({**self._stamp(kind, step), **({} if batch is None else {"batch": batch}), **scalars})
 
     def training_from(self, step: int) -> None:
         """Printed once the stop signals are installed: whoever waits for this line may signal the run."""
@@ -95,7 +98,7 @@ class RunLog:
         """Per block: W against Bᵀ (per-filter angle, distance, whole-tensor angle) and the DTP update
         against the BP gradient; per parameter, the latter as the published callback logs it."""
         scalars, figures = {}, {}
-        for i in range(1, network.n_feedback + 1):
+        for i in aligned_blocks(network):
             forward, feedback = network.forward_blocks[i], network.feedback_blocks[i]
             angle, distance = weight_alignment(forward, feedback)
             whole = whole_tensor_angle(weight_pairs(forward, feedback))
@@ -111,6 +114,11 @@ class RunLog:
             f"block{i}": {"angle": angle, "distance": distance} for i, (angle, distance) in enumerate(comparison.blocks)
         }}
         return scalars
+
+    def feedback_only(self, step: int, batch: int, losses: list[float]) -> None:
+        """DRL's feedback-only losses per map after `batch` such batches in all, taken before training step `step`."""
+        self._emit("feedback_only", step, {f"feedback_only/loss_block{i}": loss for i, loss in enumerate(losses)},
+                   batch)
 
     def evaluation(self, step: int, metrics: dict[str, float], prefix: str) -> None:
         self._emit("val", step, {f"val/{key}": value for key, value in metrics.items()})
