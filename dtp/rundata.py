@@ -102,7 +102,7 @@ def _event_scalars(path: Path) -> dict[str, dict[int, tuple[float, float]]]:
         accumulator = EventAccumulator(str(event_file), size_guidance={SCALARS: 0})  # 0: keep every event
         accumulator.Reload()
         for tag in accumulator.Tags()["scalars"]:
-            if tag.startswith("hparam/"):
+            if tag.startswith(("hparam/", "feedback_only/")):  # DRL's are logged by batch count, not step
                 continue
             for event in accumulator.Scalars(tag):
                 scalars[tag][event.step] = (event.wall_time, event.value)

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
-from conftest import SMOKE, assert_ok, expect_error, run_torchrun, scalar_values, script_in_process, train_in_process
+from conftest import SMOKE, assert_ok, expect_error, run_torchrun, script_in_process, train_in_process
 from dtp.plots import accuracy_panels, angles_panels, draw, losses_panels, timing_panels
 from dtp.progress import ProgressLines, progress_lines
 from dtp.rundata import load_run
@@ -26,6 +27,17 @@ def raw_records(run_dir: Path) -> list[dict]:
 def logged(records: list[dict], kind: str, key: str, x: str = "step") -> tuple[list, list]:
     pairs = [(r[x], r[key]) for r in records if r["kind"] == kind and key in r]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def event_scalars(run_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar of a run's TensorBoard events by tag and step, read with TensorBoard's own reader."""
+    scalars: dict[str, dict[int, float]] = {}
+    for event_file in run_dir.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file), size_guidance={SCALARS: 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars.setdefault(tag, {}).update({event.step: event.value for event in accumulator.Scalars(tag)})
+    return scalars
 
 
 def smoke_flags(tiny_npz: Path) -> list[str]:
@@ -60,8 +72,10 @@ def test_metrics_jsonl_records_what_tensorboard_records(sequential_run):
     scalars = {key for r in records if r["kind"] != "start" for key in r} - {"kind", "step", "epoch", "wall_s"}
     assert {"train/loss", "val/top1", "feedback_loss/block5", "forward_loss/block0", "alignment/angle_block1",
             "bp_comparison/angle_block0"} <= scalars
+    events = event_scalars(sequential_run)
+    assert scalars == set(events) - {"hparam/val_top1", "hparam/val_top5"}
     for tag in scalars:
-        from_events = scalar_values(sequential_run, tag)
+        from_events = events[tag]
         steps, values = logged(records, "val" if tag.startswith("val/") else "train", tag)
         assert sorted(from_events) == steps, tag
         for step, value in zip(steps, values):
