@@ -1,11 +1,18 @@
-"""Shared helpers: run the scripts (in subprocesses, or their main in this process) and compare the
-checkpoints they write."""
+"""Shared helpers: run the scripts (in subprocesses, as ranks forked from a server that has imported torch,
+or their main in this process) and compare the checkpoints they write."""
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
+from multiprocessing.context import ForkServerContext
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +21,7 @@ import torch
 
 from dtp.config import ModelConfig
 from dtp.data import make_shapes
+from forked_rank import run_rank
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
@@ -33,7 +41,10 @@ def in_process_unless_marked_slow(request, monkeypatch):
     if request.node.get_closest_marker("slow") is None:
         def refuse(*args, **kwargs):
             raise AssertionError("this test starts a process: mark it @pytest.mark.slow or run the code in-process")
+        # Subprocesses, multiprocessing's processes, and the fork server run_ranks starts before them.
         monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+        monkeypatch.setattr(BaseProcess, "start", refuse)
+        monkeypatch.setattr(multiprocessing.forkserver, "ensure_running", refuse)
 
 
 def train_in_process(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
@@ -102,6 +113,73 @@ def run_torchrun(nproc: int, *args: str, timeout: int = 300, extra: tuple[str, .
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
            str(ROOT / "train_parallel.py"), *args]
     return subprocess.run(cmd, cwd=ROOT, env=script_env(1), capture_output=True, text=True, timeout=timeout)
+
+
+def _rank_server() -> ForkServerContext:
+    """The fork server run_ranks forks ranks from, started on first use (and again should it have died)
+    with the environment and sys.path a torchrun rank starts with: script_env, the script's folder first.
+    It imports torch, train_parallel's modules and torch._dynamo (torch.optim imports it on first use, a
+    second per rank) and runs no torch op, so it has no threads when it forks."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["forked_rank", "train_parallel", "torch._dynamo"])
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for name, value in script_env(1).items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.syspath_prepend(str(ROOT))
+        multiprocessing.forkserver.ensure_running()
+    return ctx
+
+
+def run_ranks(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """train_parallel.py on `nproc` ranks forked from _rank_server, each with the variables torchrun sets
+    on one node: no torch import per launch (under torchrun 3.5 s in the agent and in every rank).
+    Rank 0 hosts the store (TORCHELASTIC_USE_AGENT_STORE=False; torchrun's ranks use its agent's). For tests
+    of what a layout computes: torchrun's own part (errors, signals, restarts, timeouts, rendezvous) is
+    tested through real torchrun. Outputs are joined in rank order; once a rank fails the others are
+    killed and the code is the first failure's; past `timeout` all are killed and TimeoutExpired raised."""
+    ctx = _rank_server()
+    base = {**script_env(1), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc), "ROLE_WORLD_SIZE": str(nproc), "GROUP_WORLD_SIZE": "1", "GROUP_RANK": "0",
+            "ROLE_NAME": "default", "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+            "TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_USE_AGENT_STORE": "False"}
+    script = str(ROOT / "train_parallel.py")
+    with tempfile.TemporaryDirectory() as logs:
+        outs = [Path(logs, f"{rank}.out") for rank in range(nproc)]
+        errs = [Path(logs, f"{rank}.err") for rank in range(nproc)]
+        ranks = []
+        for rank in range(nproc):
+            outs[rank].touch()  # empty, not missing, should a rank die before it opens them
+            errs[rank].touch()
+            env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "ROLE_RANK": str(rank)}
+            ranks.append(ctx.Process(target=run_rank, args=(script, list(args), env, str(ROOT), str(outs[rank]),
+                                                            str(errs[rank]))))
+            ranks[-1].start()
+        code = _join_ranks(ranks, time.monotonic() + timeout)
+        stdout, stderr = "".join(p.read_text() for p in outs), "".join(p.read_text() for p in errs)
+    if code is None:
+        raise subprocess.TimeoutExpired([script, *args], timeout, stdout, stderr)
+    return subprocess.CompletedProcess([script, *args], code, stdout, stderr)
+
+
+def _join_ranks(ranks: list[BaseProcess], deadline: float) -> int | None:
+    """Wait for every rank: 0 if all exit 0, the first nonzero code once one fails (the rest are then
+    killed), None at the deadline (all killed)."""
+    code = 0
+    running = list(ranks)
+    while running and code == 0:
+        ended = multiprocessing.connection.wait([rank.sentinel for rank in running],
+                                                max(deadline - time.monotonic(), 0.0))
+        if not ended:
+            code = None
+            break
+        for rank in [rank for rank in running if rank.sentinel in ended]:
+            rank.join()
+            running.remove(rank)
+            code = code or rank.exitcode
+    for rank in running:
+        rank.kill()
+        rank.join()
+    return code
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

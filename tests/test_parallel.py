@@ -1,4 +1,8 @@
-"""train_parallel.py under torchrun (gloo, CPU): same weights as sequential, shared checkpoints, errors."""
+"""train_parallel.py under torchrun (gloo, CPU): same weights as sequential, shared checkpoints, errors.
+
+What a layout computes is checked on ranks forked with torchrun's environment (conftest.run_ranks,
+without torch's import in an agent and in every rank); one parity layout, the errors, signals, restarts,
+timeouts and the two-node rendezvous run under torchrun itself."""
 import json
 import os
 import signal
@@ -12,7 +16,7 @@ import torch
 
 from conftest import (
     ROOT, SMOKE, assert_ok, error_lines, event_tags, expect_error, feedback_optimizer_state, free_port, load,
-    max_relative_difference, optimizer_state, run_torchrun, script_env, script_in_process,
+    max_relative_difference, optimizer_state, run_ranks, run_torchrun, script_env, script_in_process,
     train_in_process,
 )
 
@@ -106,13 +110,16 @@ LAYOUTS = {
     "resnet18, stage 1 split, 2 ranks": (2, ["--split", "2,1,1,1,1"], RESNET18, [2, 1, 1, 1, 1]),
     "lenet, block 1 split, 2 ranks": (2, ["--split", "2,1,1"], LENET, [2, 1, 1]),
 }
+# The layout run under torchrun itself, so that parity is checked through the real launcher too.
+UNDER_TORCHRUN = "whole blocks, 2 ranks"
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_parallel_equals_sequential(tmp_path, sequential_reference, smoke_npz, layout):
     nproc, layout_flags, shared_flags, pieces = LAYOUTS[layout]
     out = tmp_path / "run"
-    proc = run_torchrun(nproc, *smoke_npz, "--max-steps", STEPS, *layout_flags, *shared_flags, "--out", str(out))
+    launch = run_torchrun if layout == UNDER_TORCHRUN else run_ranks
+    proc = launch(nproc, *smoke_npz, "--max-steps", STEPS, *layout_flags, *shared_flags, "--out", str(out))
     assert_ok(proc)
     assert "rank 0 (leader)" in proc.stdout
     replicas = 2 if "--replicas" in layout_flags else 1
@@ -143,10 +150,10 @@ def test_checkpoints_resume_across_scripts_and_world_sizes(tmp_path, tiny_npz):
     sequential(straight, *common)
     # Parallel with 3 ranks for 3 steps, sequential up to 5, then 2 replicas of 1 rank to the end
     # (the second replica's leader starts from the checkpoint rank 0 read).
-    assert_ok(run_torchrun(3, *common, *WHOLE, "--max-steps", "3", "--out", str(mixed)))
+    assert_ok(run_ranks(3, *common, *WHOLE, "--max-steps", "3", "--out", str(mixed)))
     sequential(mixed, "--resume", str(mixed), "--max-steps", "5")
     assert load(mixed)["step"] == 5
-    assert_ok(run_torchrun(2, "--resume", str(mixed), "--replicas", "2"))
+    assert_ok(run_ranks(2, "--resume", str(mixed), "--replicas", "2"))
     assert_parity(load(straight), load(mixed))
 
 
@@ -216,7 +223,7 @@ def test_early_stopping_stops_every_replica_at_the_same_step(tmp_path, tiny_npz)
     common = ["--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "10",
               "--set", "forward.lr=1.0e-12", "--set", "early_stopping.patience=2"]
     out = tmp_path / "run"
-    assert_ok(run_torchrun(2, *common, "--replicas", "2", "--out", str(out), timeout=120))
+    assert_ok(run_ranks(2, *common, "--replicas", "2", "--out", str(out), timeout=120))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_early"] and summary["steps"] == 12
 
@@ -332,6 +339,6 @@ def test_sigusr1_to_rank_0_stops_every_replica_at_one_step_and_resumes_exactly(t
     assert code == 0, stderr[-3000:]
     assert "SIGUSR1 received: stopped at step" in stdout + stderr
     target = str(load(out)["step"] + 2)
-    assert_ok(run_torchrun(2, "--resume", str(out), "--replicas", "2", "--max-steps", target))
+    assert_ok(run_ranks(2, "--resume", str(out), "--replicas", "2", "--max-steps", target))
     sequential(straight, *common, "--max-steps", target)
     assert_parity(load(straight), load(out))
