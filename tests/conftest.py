@@ -153,33 +153,36 @@ def run_ranks(nproc: int, *args: str, timeout: int = 300) -> subprocess.Complete
             env = {**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "ROLE_RANK": str(rank)}
             ranks.append(ctx.Process(target=run_rank, args=(script, list(args), env, str(ROOT), str(outs[rank]),
                                                             str(errs[rank]))))
-            ranks[-1].start()
-        code = _join_ranks(ranks, time.monotonic() + timeout)
+        try:
+            for rank in ranks:
+                rank.start()
+            code = _wait_for_ranks(ranks, time.monotonic() + timeout)
+        finally:  # after a failure, at the timeout or on an interrupt: end the rest, as torchrun would
+            for rank in ranks:
+                if rank.is_alive():
+                    rank.kill()
+                    rank.join()
         stdout, stderr = "".join(p.read_text() for p in outs), "".join(p.read_text() for p in errs)
     if code is None:
         raise subprocess.TimeoutExpired([script, *args], timeout, stdout, stderr)
     return subprocess.CompletedProcess([script, *args], code, stdout, stderr)
 
 
-def _join_ranks(ranks: list[BaseProcess], deadline: float) -> int | None:
-    """Wait for every rank: 0 if all exit 0, the first nonzero code once one fails (the rest are then
-    killed), None at the deadline (all killed)."""
-    code = 0
+def _wait_for_ranks(ranks: list[BaseProcess], deadline: float) -> int | None:
+    """0 once every rank has exited 0, the exit code of the first rank to fail as soon as one does, None
+    at the deadline."""
     running = list(ranks)
-    while running and code == 0:
+    while running:
         ended = multiprocessing.connection.wait([rank.sentinel for rank in running],
                                                 max(deadline - time.monotonic(), 0.0))
         if not ended:
-            code = None
-            break
+            return None
         for rank in [rank for rank in running if rank.sentinel in ended]:
             rank.join()
             running.remove(rank)
-            code = code or rank.exitcode
-    for rank in running:
-        rank.kill()
-        rank.join()
-    return code
+            if rank.exitcode != 0:
+                return rank.exitcode
+    return 0
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
