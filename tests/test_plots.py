@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
-from conftest import SMOKE, assert_ok, expect_error, run_torchrun, script_in_process, train_in_process
+from conftest import SMOKE, assert_ok, expect_error, run_ranks, script_in_process, train_in_process
 from dtp.plots import accuracy_panels, angles_panels, draw, losses_panels, timing_panels
 from dtp.progress import ProgressLines, progress_lines
 from dtp.rundata import load_run
@@ -203,7 +203,7 @@ def test_plot_py_refuses_a_bad_run_directory_with_one_error_line(tmp_path, monke
 def two_rank_run(tmp_path_factory, tiny_npz) -> Path:
     """sequential_run's training on 2 ranks (whole blocks): this file's one process launch."""
     out = tmp_path_factory.mktemp("p2")
-    assert_ok(run_torchrun(2, *smoke_flags(tiny_npz), "--split", "none", "--out", str(out)))
+    assert_ok(run_ranks(2, *smoke_flags(tiny_npz), "--split", "none", "--out", str(out)))
     return out
 
 
