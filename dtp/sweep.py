@@ -156,22 +156,29 @@ def _grid_points(sweep: Sweep) -> list[tuple[tuple[str, Any], ...]]:
 
 
 def _checked_args(sweep: Sweep, values: tuple[tuple[str, Any], ...]) -> tuple[str, ...]:
-    """The grid point's flags, its config built as the script would build it; `--config` made explicit,
-    so that every launcher (the batch files pass a `--config` of their own) runs the same config.
-    Paths are relative to the folder sweep.py runs in, which the runs start in too."""
+    """The grid point's flags, its config built as the script would build it.
+
+    `--config` is made explicit, so that every launcher (the batch files pass a `--config` of their own)
+    runs the same config; without one in `args`, it is the default lookup's for the grid point's
+    dataset and algorithm, so a grid over `algorithm` gets each algorithm's config, as `--algorithm`
+    would. Paths are relative to the folder sweep.py runs in, which the runs start in too.
+    """
     sets = [a for key, value in values for a in ("--set", f"{key}={set_value(value)}")]
     args = [*sweep.args, *sets]
     try:
-        parsed = _script_parser(sweep.script).parse_args([*args, "--out", str(sweep.out)])
+        parser = _script_parser(sweep.script)
+        parsed = parser.parse_args([*args, "--out", str(sweep.out)])
+        if parsed.config is None:
+            grid = dict(values)
+            found = config_lib.default_config_path(
+                grid.get("dataset", parsed.dataset or config_lib.Config.dataset),
+                grid.get("algorithm", parsed.algorithm or config_lib.Config.algorithm))
+            args = ["--config", os.path.relpath(found), *args] if found is not None else args
+            parsed = parser.parse_args([*args, "--out", str(sweep.out)])
         resolve_run(parsed)
     except UserError as exc:
         where = ", ".join(f"{k}={set_value(v)}" for k, v in values) or "args"
         raise type(exc)(f"sweep file {sweep.path}, {where}: {exc}") from None
-    if parsed.config is None:
-        found = config_lib.default_config_path(parsed.dataset or config_lib.Config.dataset,
-                                               parsed.algorithm or config_lib.Config.algorithm)
-        if found is not None:
-            args = ["--config", os.path.relpath(found), *args]
     return tuple(args)
 
 

@@ -6,6 +6,7 @@ finds it (RUN_DIR/failed.txt locally, the task's log under SLURM) and the sweep 
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -77,7 +78,8 @@ def run_one(sweep: Sweep, run: SweepRun, execute: Execute, progress: Progress) -
     progress.say(f"start {run.out_dir}{resumed}")
     code = execute(command(sweep, run), run.out_dir / LOG)
     if code == 0 and summary_of(run).is_file():
-        progress.say(f"finished {run.out_dir}", finished=True)
+        top1 = json.loads(summary_of(run).read_text())["val_top1"]
+        progress.say(f"finished {run.out_dir}: val top-1 {100 * top1:.1f}%", finished=True)
         return True
     error = error_line(run.out_dir / LOG) or f"exit code {code}, no error line (see {run.out_dir / LOG})"
     (run.out_dir / FAILED).write_text(f"{code}\n{error}\n")
