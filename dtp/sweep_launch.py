@@ -70,8 +70,9 @@ class Progress:
             print(f"[{self.done}/{self.total} done, {elapsed:.0f} s] {text}", flush=True)
 
 
-def run_one(sweep: Sweep, run: SweepRun, execute: Execute, progress: Progress) -> bool:
-    """Train one run to its end, or record why it failed; whether it finished."""
+def run_one(sweep: Sweep, run: SweepRun, execute: Execute, progress: Progress) -> str:
+    """Train one run: "finished", "stopped" (exit 0 without a summary: a signal made it checkpoint and
+    stop, and the next sweep resumes it) or "failed" (its error line recorded in failed.txt)."""
     run.out_dir.mkdir(parents=True, exist_ok=True)
     (run.out_dir / FAILED).unlink(missing_ok=True)
     resumed = " (resuming)" if (run.out_dir / "checkpoint.pt").is_file() else ""
@@ -80,11 +81,14 @@ def run_one(sweep: Sweep, run: SweepRun, execute: Execute, progress: Progress) -
     if code == 0 and summary_of(run).is_file():
         top1 = json.loads(summary_of(run).read_text())["val_top1"]
         progress.say(f"finished {run.out_dir}: val top-1 {100 * top1:.1f}%", finished=True)
-        return True
+        return "finished"
+    if code == 0:
+        progress.say(f"stopped {run.out_dir} with a checkpoint; running the sweep again resumes it", finished=True)
+        return "stopped"
     error = error_line(run.out_dir / LOG) or f"exit code {code}, no error line (see {run.out_dir / LOG})"
     (run.out_dir / FAILED).write_text(f"{code}\n{error}\n")
     progress.say(f"FAILED {run.out_dir}: {error}", finished=True)
-    return False
+    return "failed"
 
 
 def run_local(sweep: Sweep, runs: list[SweepRun], parallel: int = 1,
@@ -95,10 +99,10 @@ def run_local(sweep: Sweep, runs: list[SweepRun], parallel: int = 1,
           flush=True)
     progress = Progress(len(todo))
     with ThreadPoolExecutor(max_workers=parallel) as pool:
-        finished = list(pool.map(lambda run: run_one(sweep, run, execute, progress), todo))
-    failed = finished.count(False)
-    print(f"sweep {sweep.path}: {len(todo) - failed} finished, {failed} failed", flush=True)
-    return failed
+        outcomes = list(pool.map(lambda run: run_one(sweep, run, execute, progress), todo))
+    counts = {outcome: outcomes.count(outcome) for outcome in ("finished", "stopped", "failed")}
+    print(f"sweep {sweep.path}: " + ", ".join(f"{n} {outcome}" for outcome, n in counts.items()), flush=True)
+    return counts["failed"]
 
 
 Submit = Callable[[list[str], dict[str, str]], str]  # (sbatch command, environment) -> sbatch's output

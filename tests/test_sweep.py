@@ -127,6 +127,15 @@ def test_a_failed_run_is_recorded_with_its_error_line_and_the_sweep_goes_on(tmp_
     assert "FAILED" in capsys.readouterr().out
 
 
+def test_a_run_stopped_by_a_signal_is_left_to_resume_not_failed(tmp_path, tiny_npz, capsys):
+    sweep = load_sweep(write_sweep(tmp_path, tiny_npz, seeds=[0]))
+    runs = expand(sweep)
+    assert run_local(sweep, runs, execute=lambda cmd, log: 0) == 0  # exit 0, no summary: SIGTERM's checkpoint
+    assert not any((run.out_dir / FAILED).exists() for run in runs)
+    assert "0 finished, 4 stopped, 0 failed" in capsys.readouterr().out
+    assert all(not result.errors and not result.final_top1 for result in collect(sweep, runs))
+
+
 def test_slurm_launcher_submits_one_array_with_a_line_per_unfinished_run(tmp_path, tiny_npz, monkeypatch):
     monkeypatch.chdir(ROOT)
     sweep = load_sweep(write_sweep(tmp_path, tiny_npz))
