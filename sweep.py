@@ -12,6 +12,7 @@ import shlex
 import sys
 
 from dtp.cli import exit_on_user_error
+from dtp.errors import UserError
 from dtp.sweep import expand, load_sweep, summary_of
 from dtp.sweep_launch import command, run_local, submit_slurm
 from dtp.sweep_report import report
@@ -33,10 +34,10 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.parallel is not None and args.parallel < 1:
+        raise UserError(f"--parallel must be a positive integer, got {args.parallel}")
     sweep = load_sweep(args.sweep)
     runs = expand(sweep)
-    if args.parallel is not None and args.parallel < 1:
-        sys.exit("error: --parallel must be a positive integer")
     if args.report:
         report(sweep, runs)
     elif args.dry_run:

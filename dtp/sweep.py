@@ -26,7 +26,7 @@ from dtp.errors import ConfigError, UserError
 SWEEP_KEYS = ("script", "nproc", "args", "grid", "seeds", "out")
 SCRIPTS = ("train_sequential.py", "train_parallel.py")
 ROOT = config_lib.CONFIG_DIR.parent
-SWEEP_SETS = ("--out", "--resume", "--seed")  # flags the sweep gives every run itself
+SWEEP_FLAGS = ("--out", "--resume", "--seed")  # flags the sweep gives every run itself
 MAX_NAME = 80  # longer setting names keep their start and get a hash of the whole
 BASE_SETTING = "base"  # the name of a grid with no keys
 
@@ -118,7 +118,7 @@ def load_sweep(path: str | Path) -> Sweep:
     _require(isinstance(args, list) and all(isinstance(a, (str, int, float)) for a in args), path,
              "args must be a list of flags and values, e.g. [--dataset, shapes, --epochs, 4]")
     args = tuple(str(a) for a in args)
-    for flag in SWEEP_SETS:
+    for flag in SWEEP_FLAGS:
         _require(not any(a == flag or a.startswith(flag + "=") for a in args), path,
                  f"args must not give {flag}: the sweep sets it for every run")
     grid = data.get("grid") or {}

@@ -164,6 +164,8 @@ def test_bad_sweep_files_get_one_error_line_before_anything_runs(tmp_path, tiny_
         proc = script_in_process(monkeypatch, capsys, "sweep.py", str(write_sweep(tmp_path, tiny_npz, **change)))
         expect_error(proc, message)
         assert not (tmp_path / "runs").exists()
+    proc = script_in_process(monkeypatch, capsys, "sweep.py", str(write_sweep(tmp_path, tiny_npz)), "--parallel", "0")
+    expect_error(proc, "--parallel must be a positive integer, got 0")
 
 
 FAKE_SBATCH = """#!/bin/bash
