@@ -23,7 +23,8 @@ from dtp.sweep import ROOT, Sweep, SweepRun, summary_of
 LOG = "train.log"  # a local run's output, appended to by every start
 FAILED = "failed.txt"  # a local run's exit code and error line, while it has not finished
 SLURM_FOLDER = "slurm"  # under the sweep's out: each submission's runs file and task logs
-BATCH_FILES = {"train_sequential.py": "launch/slurm_sequential.sbatch", "train_parallel.py": "launch/slurm_parallel.sbatch"}
+BATCH_FILES = {"train_sequential.py": "launch/slurm_sequential.sbatch",
+               "train_parallel.py": "launch/slurm_parallel.sbatch"}
 
 Execute = Callable[[list[str], Path], int]  # (command, log file) -> exit code
 

@@ -55,7 +55,8 @@ def test_grid_expands_into_named_runs_whose_sets_reach_their_config(tmp_path, ti
     assert len(runs) == 2 * 2 * 1 * 2
     assert len({run.out_dir for run in runs}) == len(runs)
     first = runs[0]
-    assert first.out_dir == sweep.out / "forward.lr=0.01,forward.beta=0.5,feedback.lr=0.001_0.001_0.008_0.008_0.05" / "seed0"
+    name = "forward.lr=0.01,forward.beta=0.5,feedback.lr=0.001_0.001_0.008_0.008_0.05"
+    assert first.out_dir == sweep.out / name / "seed0"
     for run in runs:
         cfg = resolve_run(build_parser("").parse_args(run.script_args())).cfg
         values = dict(run.values)
@@ -82,7 +83,9 @@ def test_dry_run_prints_every_command_and_starts_nothing(tmp_path, tiny_npz, mon
     assert not (tmp_path / "runs").exists()
 
 
-def test_local_grid_reports_seed_means_skips_finished_runs_and_resumes_a_killed_one(tmp_path, tiny_npz, capsys):
+def test_local_grid_reports_seed_means_skips_finished_runs_and_resumes_a_killed_one(tmp_path, tiny_npz, capsys,
+                                                                                    monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
     sweep = load_sweep(write_sweep(tmp_path, tiny_npz))
     runs = expand(sweep)
     assert run_local(sweep, runs, execute=train_here) == 0
@@ -114,7 +117,8 @@ def test_local_grid_reports_seed_means_skips_finished_runs_and_resumes_a_killed_
     assert all(torch.equal(resumed["forward"][k], v) for k, v in uninterrupted["forward"].items())
 
 
-def test_a_failed_run_is_recorded_with_its_error_line_and_the_sweep_goes_on(tmp_path, tiny_npz, capsys):
+def test_a_failed_run_is_recorded_with_its_error_line_and_the_sweep_goes_on(tmp_path, tiny_npz, capsys, monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
     lists = {"feedback.lr": [[1e-3], [1e-3, 1e-3, 8e-3, 8e-3, 0.05]]}
     sweep = load_sweep(write_sweep(tmp_path, tiny_npz, grid=lists, seeds=[0]))
     runs = expand(sweep)
@@ -170,7 +174,9 @@ def test_bad_sweep_files_get_one_error_line_before_anything_runs(tmp_path, tiny_
 
 FAKE_SBATCH = """#!/bin/bash
 # Runs the batch file once per array task, here, with its log where --output says.
-for a in "$@"; do case $a in --array=*) range=${a#--array=}; range=${range%%%*};; --output=*) output=${a#--output=};; esac; done
+for a in "$@"; do
+  case $a in --array=*) range=${a#--array=}; range=${range%%%*};; --output=*) output=${a#--output=};; esac
+done
 for task in $(seq "${range%-*}" "${range#*-}"); do
   SLURM_ARRAY_TASK_ID=$task SLURM_JOB_ID=$((100 + task)) SLURM_JOB_NAME=sweep SLURM_SUBMIT_DIR=$PWD \\
     bash "${@: -1}" >> "${output//%a/$task}" 2>&1
