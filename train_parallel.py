@@ -24,6 +24,7 @@ from dtp.cli import Run, add_parallel_flags, build_network, build_parser, exit_o
 from dtp.config import Config, to_yaml
 from dtp.data import DatasetSplits
 from dtp.errors import UserError, report_error
+from dtp.graphs import graphs_enabled
 from dtp.feedback import make_feedback_optimizers
 from dtp.models import DTPNetwork
 from dtp.parallel.costs import measure_feedback_costs
@@ -76,6 +77,11 @@ class RankSetup:
 def decide_start(args: argparse.Namespace, world_size: int) -> RunStart:
     """Rank 0 alone reads the config, the data and the checkpoint, and checks the layout."""
     run = resolve_run(args)
+    if not VARIANTS[run.cfg.algorithm].feedback.inverts_forward:
+        raise UserError(f"--algorithm {run.cfg.algorithm}: the loss of each feedback map Q_i runs every forward block "
+                        f"after block i, so it does not split into independent per-block work; use train_sequential.py")
+    if run.cfg.precision != "float32":
+        raise UserError(f"precision {run.cfg.precision} is for train_sequential.py; train_parallel.py ships float32")
     data = load_data(run.cfg)
     network = build_network(run.cfg, data.input_shape, data.num_classes)
     if not VARIANTS[run.cfg.algorithm].trains_feedback:
@@ -97,18 +103,20 @@ def choose_plan(start: RunStart, costs: Costs, args: argparse.Namespace,
 
 def main() -> None:
     args = parse_args()
-    ctx = init_distributed(args.timeout_s)
+    ctx = init_distributed(args.timeout_s, args.replicas)
     start = decided_on_main_rank(ctx, partial(decide_start, args, ctx.world_size))
     cfg = start.cfg
     network = start.network if ctx.is_main else build_network(cfg, start.input_shape, start.num_classes)
     network.to(ctx.device)
-    runtime = Runtime(device=ctx.device, autocast=autocast_for(ctx.device, cfg.mixed_precision))
+    graphed = graphs_enabled(cfg.feedback.cuda_graphs, ctx.device)
+    runtime = Runtime(ctx.device, autocast_for(ctx.device, cfg.mixed_precision, cache_enabled=not graphed), graphed)
     costs = measure_feedback_costs(network, cfg, runtime, ctx, args.replicas, start.max_pieces)
     group_size = ctx.world_size // args.replicas
     plan, resume_state = decided_on_main_rank(ctx, partial(choose_plan, start, costs, args, group_size))
     set_seed(cfg.seed)
     groups = ProcessGroups(Layout(ctx.world_size, args.replicas, ctx.rank, plan))
-    setup = RankSetup(cfg, network, make_feedback_optimizers(network, cfg), runtime, groups, costs)
+    setup = RankSetup(cfg, network, make_feedback_optimizers(network, cfg, runtime.cuda_graphs), runtime, groups,
+                      costs)
     if ctx.is_main:
         run_main_rank(setup, start, args.max_steps)
     elif groups.layout.is_replica_leader:

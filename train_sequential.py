@@ -10,7 +10,8 @@ from accelerate.utils import set_seed
 
 from dtp.cli import build_network, build_parser, exit_on_user_error, load_data, resolve_run, sequential_trainer
 from dtp.config import to_yaml
-from dtp.runtime import Runtime
+from dtp.graphs import graphs_enabled
+from dtp.runtime import Runtime, autocast_for
 
 
 def main() -> None:
@@ -19,7 +20,11 @@ def main() -> None:
     cfg = run.cfg
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     set_seed(cfg.seed)
-    runtime = Runtime(device=accelerator.device, autocast=accelerator.autocast)
+    device = accelerator.device
+    graphed = graphs_enabled(cfg.feedback.cuda_graphs, device)
+    # A captured graph needs autocast's weight-cast cache off, which Accelerate's autocast keeps on.
+    autocast = autocast_for(device, cfg.mixed_precision, cache_enabled=False) if graphed else accelerator.autocast
+    runtime = Runtime(device, autocast, graphed)
     print(to_yaml(cfg), end="")
     data = load_data(cfg)
     network = build_network(cfg, data.input_shape, data.num_classes).to(runtime.device)

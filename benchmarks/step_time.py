@@ -26,7 +26,7 @@ import torch
 from dtp.diagnostics import weight_alignment
 from dtp.config import CONFIG_DIR, Config, resolve
 from dtp.models import DTPNetwork
-from dtp.feedback import BlockSettings, make_feedback_optimizers, train_block
+from dtp.feedback import BlockSettings, make_feedback_optimizers, train_block, train_blocks
 from dtp.hooks import BlockShard
 from dtp.metrics import format_memory, peak_memory_mib, peak_rss_mib
 from dtp.optim import build_forward_optimizer
@@ -36,8 +36,9 @@ from dtp.parallel.layout import Layout, ProcessGroups, decided_on_main_rank, ini
 from dtp.parallel.planning import (
     FeedbackPlan, format_plan, max_pieces_for, parse_split, plan_feedback, split_rows,
 )
-from dtp.runtime import Runtime, autocast_for
-from dtp.seeding import noise_generator
+from dtp.runtime import Runtime, autocast_for, synchronize
+from dtp.graphs import EAGER_STEPS, BlockLoop
+from dtp.seeding import block_noise_seed
 from dtp.step import train_step
 
 
@@ -86,41 +87,56 @@ def naive_train_block(network, optimizer, i, x, iterations, sigma, generator):
         loss.item()
 
 
-class TimedFeedback:
-    """A sequential feedback phase that records seconds per block; `naive` switches to the baseline."""
+VARIANTS = ("naive", "eager", "graphs", "graphs+streams")  # the published structure, then ours three ways
 
-    def __init__(self, network, optimizers, cfg, runtime, naive: bool) -> None:
-        self.network, self.optimizers, self.cfg, self.runtime, self.naive = network, optimizers, cfg, runtime, naive
+
+class TimedFeedback:
+    """A sequential feedback phase that records seconds per block, run as `variant` (VARIANTS); blocks on
+    concurrent streams have no seconds of their own."""
+
+    def __init__(self, network, optimizers, cfg: Config, runtime: Runtime, variant: str) -> None:
+        self.network, self.optimizers, self.cfg, self.runtime, self.variant = network, optimizers, cfg, runtime, variant
         self.block_s = [0.0] * network.n_feedback
+        graphed = variant in ("graphs", "graphs+streams")
+        self.loops = {i: BlockLoop(runtime.device, graphed) for i in range(1, network.n_feedback + 1)}
+        self.streams: dict = {}
 
     def train(self, block_inputs, step, batch_total):
+        blocks = list(range(1, self.network.n_feedback + 1))
+        if self.variant == "graphs+streams":
+            losses = train_blocks(self.network, self.optimizers, self.cfg, blocks, block_inputs, step, self.runtime,
+                                  batch_total, self.loops, self.streams)
+            return [losses[i] for i in blocks]
         losses = []
-        for i in range(1, self.network.n_feedback + 1):
+        for i in blocks:
             settings, x = BlockSettings.from_config(self.cfg, i), block_inputs[i - 1]
             t0 = time.perf_counter()
-            if self.naive:
-                gen = noise_generator(settings.seed, i, step, 0, self.runtime.device)
+            if self.variant == "naive":
+                gen = torch.Generator(self.runtime.device).manual_seed(block_noise_seed(settings.seed, i, step))
                 naive_train_block(self.network, self.optimizers[i - 1], i, x, settings.iterations, settings.sigma, gen)
                 losses.append(torch.zeros(()))
             else:
-                losses.append(train_block(self.network, self.optimizers[i - 1], x, step, settings, self.runtime))
-            if self.runtime.device.type == "cuda":
-                torch.cuda.synchronize()
+                losses.append(train_block(self.network, self.optimizers[i - 1], x, step, settings, self.runtime,
+                                          loop=self.loops[i]))
+            synchronize(self.runtime.device)
             self.block_s[i - 1] += time.perf_counter() - t0
         return losses
 
 
-def time_sequential(cfg: Config, steps: int, warmup: int, naive: bool, channels_last: bool, bf16: bool) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def time_sequential(cfg: Config, device: torch.device, steps: int, warmup: int, variant: str,
+                    channels_last: bool = False, bf16: bool = False) -> dict:
+    """Seconds per training step of `variant` on random input; the first `warmup` steps are not timed
+    (graphs are captured after dtp.graphs.EAGER_STEPS steps: give at least that many)."""
+    graphed = variant in ("graphs", "graphs+streams")
+    runtime = Runtime(device, autocast_for(device, "bf16" if bf16 else "no", cache_enabled=not graphed), graphed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    runtime = Runtime(device, autocast_for(device, "bf16" if bf16 else "no"))
     network = DTPNetwork(cfg.model, (3, 32, 32), 10, cfg.seed).to(device)
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
-    optimizers = make_feedback_optimizers(network, cfg)
+    optimizers = make_feedback_optimizers(network, cfg, capturable=graphed)
     forward_opt, _ = build_forward_optimizer(network, cfg.forward)
-    phase = TimedFeedback(network, optimizers, cfg, runtime, naive)
+    phase = TimedFeedback(network, optimizers, cfg, runtime, variant)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(cfg.batch_size, 3, 32, 32, generator=gen).to(device)
     if channels_last:
@@ -132,15 +148,15 @@ def time_sequential(cfg: Config, steps: int, warmup: int, naive: bool, channels_
             phase.block_s = [0.0] * network.n_feedback
         t0 = time.perf_counter()
         train_step(network, forward_opt, phase, x, y, cfg, step, runtime)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         if step >= warmup:
             total += time.perf_counter() - t0
     sec = total / steps
     block_s = [b / steps for b in phase.block_s]
-    # RSS is the process's peak so far (a baseline timed after ours includes ours); CUDA's is this run's.
-    return {"sec_per_step": sec, "images_per_s": cfg.batch_size / sec, "block_feedback_s": block_s,
-            "forward_update_s": sec - sum(block_s), "memory": peak_memory_mib(device)}
+    return {"sec_per_step": sec, "ms_per_step": 1000 * sec, "images_per_s": cfg.batch_size / sec,
+            "block_feedback_s": block_s, "forward_update_s": sec - sum(block_s) if any(block_s) else None,
+            # RSS is the process's peak so far (a network timed after another includes it); CUDA's is this one's.
+            "memory": peak_memory_mib(device)}
 
 
 def parallel_worker(args: argparse.Namespace, cfg: Config) -> None:
@@ -195,6 +211,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the sequential step runs (default: cuda where present); cuda adds graph variants")
     p.add_argument("--config", default=str(CONFIG_DIR / "cifar10_dtp.yaml"),
                    help="the network and feedback settings to time (default: the CIFAR-10 reference)")
     p.add_argument("--batch-size", type=int, default=128)
@@ -231,7 +249,7 @@ def benchmark_parallel(args: argparse.Namespace, cfg: Config) -> dict:
         print(f"rank {rank}: {format_memory(memory)}")
     if not args.no_baseline:
         torch.set_num_threads(args.threads)
-        seq = time_sequential(cfg, args.steps, args.warmup, naive=False, channels_last=False, bf16=False)
+        seq = time_sequential(cfg, torch.device(args.device), args.steps, args.warmup, "eager")
         result["sequential_sec_per_step"] = seq["sec_per_step"]
         result["speedup_over_sequential"] = seq["sec_per_step"] / result["sec_per_step"]
         print(f"sequential, {args.threads} thread(s): {seq['sec_per_step']:.3f} s/step; parallel speed-up "
@@ -240,15 +258,24 @@ def benchmark_parallel(args: argparse.Namespace, cfg: Config) -> dict:
 
 
 def benchmark_sequential(args: argparse.Namespace, cfg: Config) -> dict:
-    """This project's step against the published structure (unless --no-baseline), and the split bounds."""
+    """This project's step against the published structure (unless --no-baseline), and the split bounds.
+    On CUDA it also times the step with graphs, with graphs and streams, and those in bf16."""
     torch.set_num_threads(args.threads)
-    ours = time_sequential(cfg, args.steps, args.warmup, naive=False, channels_last=args.channels_last, bf16=args.bf16)
-    result = dict(ours, threads=args.threads, batch_size=args.batch_size)
+    device = torch.device(args.device)
+    ours = time_sequential(cfg, device, args.steps, args.warmup, "eager", args.channels_last, args.bf16)
+    result = dict(ours, device=args.device, threads=args.threads, batch_size=args.batch_size)
     print(f"ours:     {ours['sec_per_step']:.3f} s/step, {ours['images_per_s']:.1f} img/s, feedback per block "
-          + ", ".join(f"{b:.3f}" for b in ours["block_feedback_s"]) + f" s, forward/update {ours['forward_update_s']:.3f} s")
+          + ", ".join(f"{b:.3f}" for b in ours["block_feedback_s"])
+          + f" s, forward/update {ours['forward_update_s']:.3f} s")
     print(f"ours:     memory of its one rank: {format_memory(ours['memory'])}")
+    if device.type == "cuda":
+        result["variants"] = {f"{variant}{' bf16' if bf16 else ''}": time_sequential(
+            cfg, device, args.steps, max(args.warmup, EAGER_STEPS + 1), variant, args.channels_last, bf16)
+            for variant, bf16 in (("graphs", False), ("graphs+streams", False), ("graphs+streams", True))}
+        for name, figures in result["variants"].items():
+            print(f"{name}: {figures['ms_per_step']:.1f} ms/step, {figures['images_per_s']:.1f} img/s")
     if not args.no_baseline:
-        base = time_sequential(cfg, args.steps, args.warmup, naive=True, channels_last=args.channels_last, bf16=False)
+        base = time_sequential(cfg, device, args.steps, args.warmup, "naive", args.channels_last)
         print(f"baseline: {base['sec_per_step']:.3f} s/step, {base['images_per_s']:.1f} img/s, feedback per block "
               + ", ".join(f"{b:.3f}" for b in base["block_feedback_s"]) + " s")
         result["baseline_sec_per_step"] = base["sec_per_step"]
@@ -267,6 +294,8 @@ def benchmark_sequential(args: argparse.Namespace, cfg: Config) -> dict:
 
 def main() -> None:
     args = parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda, but torch sees no CUDA device here")
     cfg = resolve(args.config, {"batch_size": args.batch_size}, [])
     if args.rank_worker:
         parallel_worker(args, cfg)

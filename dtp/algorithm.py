@@ -1,20 +1,22 @@
 """The DTP algorithm (docs/design.md §4–5): feedback losses, target propagation and the forward loss.
 
-This is the only place the math lives; the sequential and the parallel trainers both call it.
-Each algorithm is a feedback loss and a target rule, or plain backprop (VARIANTS).
+This is the only place the math lives (with DRL's own in dtp/drl.py); the sequential and the parallel
+trainers both call it. Each algorithm is a Variant: its feedback architecture, the loss that trains it,
+a target rule and a local loss; or plain backprop (VARIANTS).
 """
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from dtp.drl import DIRECT, direct_targets, drl_forward_losses, drl_loss, drl_update_per_beta
 from dtp.hooks import AllReduce, Autocast
-from dtp.models import FeedbackBlock, ForwardBlock, Indices
+from dtp.models import INVERTED, FeedbackArchitecture, FeedbackBlock, ForwardBlock, Indices
 from dtp.seeding import BlockNoise
 
 
@@ -135,30 +137,6 @@ def reconstruction_loss(
 FeedbackLoss = Callable[..., Tensor]
 
 
-@dataclass(frozen=True)
-class Variant:
-    """A training algorithm: the loss that trains G and whether targets use differences, or, without a
-    loss, plain backprop (no feedback weights, no targets)."""
-
-    loss_fn: FeedbackLoss | None  # what trains G, the `loss_fn` of train_feedback_block
-    difference_targets: bool  # t_{i−1} = h_{i−1} + G(t_i) − G(h_i), else t_{i−1} = G(t_i)
-
-    @property
-    def trains_feedback(self) -> bool:
-        """Whether the algorithm trains feedback weights and propagates targets (every one but backprop)."""
-        return self.loss_fn is not None
-
-
-VARIANTS = {
-    "dtp": Variant(feedback_loss, difference_targets=True),  # L-DRL (this paper)
-    "vanilla_dtp": Variant(reconstruction_loss, difference_targets=True),
-    "tp": Variant(reconstruction_loss, difference_targets=False),
-    # One fused L-DRL step per batch (feedback.iterations all 1, several noise samples), Adam in its configs.
-    "parallel_dtp": Variant(feedback_loss, difference_targets=True),
-    "bp": Variant(None, difference_targets=False),  # end-to-end backprop of the cross-entropy
-}
-
-
 def train_feedback_block(
     forward_block: ForwardBlock,
     feedback_block: FeedbackBlock,
@@ -189,7 +167,7 @@ def train_feedback_block(
         dx, dy = noise.draw(samples, x, y, sigma)
         with autocast():
             loss = loss_fn(forward_block, feedback_block, x, y, indices, dx, dy, batch_total)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=False)  # gradients stay in place, as a captured graph needs
         loss.backward()
         if all_reduce is not None:
             all_reduce([p.grad for p in params if p.grad is not None])
@@ -254,3 +232,62 @@ def forward_losses(outputs: list[Tensor], targets: list[Tensor], batch_total: in
     """
     n = batch_total or outputs[0].shape[0]
     return [0.5 * (h - t).flatten(1).square().sum() / n for h, t in zip(outputs, targets)]
+
+
+def difference_targets(feedback_blocks: Sequence[nn.Module], outputs: list[Tensor], indices: list[Indices],
+                       labels: Tensor, beta: float) -> list[Tensor]:
+    """DTP's chained rule: t_{i−1} = h_{i−1} + G_i(t_i) − G_i(h_i)."""
+    return propagate_targets(list(feedback_blocks), outputs, indices, labels, beta, difference=True)
+
+
+def plain_targets(feedback_blocks: Sequence[nn.Module], outputs: list[Tensor], indices: list[Indices],
+                  labels: Tensor, beta: float) -> list[Tensor]:
+    """TP's chained rule: t_{i−1} = G_i(t_i)."""
+    return propagate_targets(list(feedback_blocks), outputs, indices, labels, beta, difference=False)
+
+
+def drl_targets(feedback_maps: Sequence[nn.Module], outputs: list[Tensor], indices: list[Indices],
+                labels: Tensor, beta: float) -> list[Tensor]:
+    """DRL's direct rule, t_i = h_i + Q_i(t_L − h_L), from t_L = h_L − β ∂CE_mean/∂h_L (mean over the batch)."""
+    return direct_targets(feedback_maps, outputs, output_target(outputs[-1].detach(), labels, beta / labels.numel()))
+
+
+def unit_update_per_beta(batch: int) -> float:
+    """DTP's output block update is β × BP's gradient of the mean cross-entropy (docs/design.md §5)."""
+    return 1.0
+
+
+TargetRule = Callable[[Sequence[nn.Module], list[Tensor], list[Indices], Tensor, float], list[Tensor]]
+ForwardLoss = Callable[[list[Tensor], list[Tensor], int | None], list[Tensor]]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A training algorithm: how its feedback modules are built (`feedback`) and trained (`loss_fn`), how
+    targets come from them (`target_rule`) and each block's local loss (`forward_loss`); without a loss,
+    plain backprop (its network keeps the inverted blocks, untrained)."""
+
+    feedback: FeedbackArchitecture
+    loss_fn: FeedbackLoss | None  # what trains a feedback module; None: backprop, no targets
+    target_rule: TargetRule | None
+    forward_loss: ForwardLoss = forward_losses
+    update_per_beta: Callable[[int], float] = unit_update_per_beta  # batch rows → output update / (β · BP gradient)
+    targets_before_feedback: bool = False  # DRL: targets from this batch's Q before its feedback step
+
+    @property
+    def trains_feedback(self) -> bool:
+        """Whether the algorithm trains feedback weights and propagates targets (every one but backprop)."""
+        return self.loss_fn is not None
+
+
+VARIANTS = {
+    "dtp": Variant(INVERTED, feedback_loss, difference_targets),  # L-DRL (this paper)
+    "vanilla_dtp": Variant(INVERTED, reconstruction_loss, difference_targets),
+    "tp": Variant(INVERTED, reconstruction_loss, plain_targets),
+    # One fused L-DRL step per batch (feedback.iterations all 1, several noise samples), Adam in its configs.
+    "parallel_dtp": Variant(INVERTED, feedback_loss, difference_targets),
+    "bp": Variant(INVERTED, None, None),  # end-to-end backprop of the cross-entropy
+    # Meulemans et al. (2020)'s DDTP-linear: direct maps Q_i, the DRL loss, direct targets (dtp/drl.py).
+    "drl": Variant(DIRECT, drl_loss, drl_targets, drl_forward_losses, drl_update_per_beta,
+                   targets_before_feedback=True),
+}

@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from dtp import config as config_lib
 from dtp.algorithm import VARIANTS
 from dtp.checkpoint import CHECKPOINT, load_checkpoint
 from dtp.data import DATASETS, DatasetSplits, load_dataset
+from dtp.drl_training import DirectFeedback
 from dtp.errors import UserError, report_error
 from dtp.feedback import LocalFeedback, make_feedback_optimizers
 from dtp.models import DTPNetwork
@@ -82,21 +85,26 @@ def resolve_run(args: argparse.Namespace) -> Run:
 
 
 def build_network(cfg: config_lib.Config, input_shape: tuple[int, int, int], num_classes: int) -> DTPNetwork:
-    """The network for this data, with per-block lists checked against its number of feedback blocks."""
-    network = DTPNetwork(cfg.model, input_shape, num_classes, cfg.seed)
-    if VARIANTS[cfg.algorithm].trains_feedback:
+    """The network for this data, in cfg.precision, with per-block lists checked against its blocks."""
+    variant = VARIANTS[cfg.algorithm]
+    network = DTPNetwork(cfg.model, input_shape, num_classes, cfg.seed, variant.feedback)
+    config_lib.check_forward_lists(cfg, len(network.forward_blocks))
+    if variant.trains_feedback:
         config_lib.check_block_lists(cfg, network.n_feedback)
     if cfg.feedback.init_symmetric:
         network.init_feedback_symmetric()
-    return network
+    return network.to(getattr(torch, cfg.precision))
 
 
 def sequential_trainer(cfg: config_lib.Config, network: DTPNetwork, runtime: Runtime) -> Trainer:
-    """The Trainer train_sequential.py runs: every feedback block trained in this process (none for bp)."""
-    if not VARIANTS[cfg.algorithm].trains_feedback:
+    """The Trainer train_sequential.py runs: every feedback module trained in this process (none for bp)."""
+    variant = VARIANTS[cfg.algorithm]
+    if not variant.trains_feedback:
         return Trainer(cfg, network, [], None, runtime)
-    feedback_optimizers = make_feedback_optimizers(network, cfg)
-    return Trainer(cfg, network, feedback_optimizers, LocalFeedback(network, feedback_optimizers, cfg, runtime), runtime)
+    inverted = variant.feedback.inverts_forward  # DRL's direct maps train eagerly, never in a CUDA graph
+    feedback_optimizers = make_feedback_optimizers(network, cfg, runtime.cuda_graphs and inverted)
+    phase = LocalFeedback if inverted else DirectFeedback
+    return Trainer(cfg, network, feedback_optimizers, phase(network, feedback_optimizers, cfg, runtime), runtime)
 
 
 def load_data(cfg: config_lib.Config) -> DatasetSplits:

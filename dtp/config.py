@@ -18,12 +18,15 @@ from typing import Annotated, Any, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from dtp.algorithm import VARIANTS
+from dtp.drl import check_drl_settings
 from dtp.errors import ConfigError
+from dtp.layers import ACTIVATIONS as ACTIVATION_LAYERS
+from dtp.graphs import GRAPH_SETTINGS
 from dtp.optim import OPTIMIZERS
 
 ALGORITHMS = tuple(VARIANTS)
-ARCHS = ("simple_vgg", "lenet", "resnet18", "resnet34")
-ACTIVATIONS = ("elu", "relu")
+ARCHS = ("simple_vgg", "lenet", "resnet18", "resnet34", "mlp")
+ACTIVATIONS = tuple(ACTIVATION_LAYERS)
 MIXED_PRECISION = ("no", "bf16")
 SCHEDULERS = ("cosine", "step", "none")
 PER_BLOCK_KEYS = ("iterations", "noise", "lr")
@@ -51,6 +54,7 @@ class AtLeast:
 
 
 PositiveInt = Annotated[int, AtLeast(0, True, "a positive integer")]
+NonNegativeInt = Annotated[int, AtLeast(0, False, "an integer ≥ 0")]
 PositiveFloat = Annotated[float, AtLeast(0, True, "a positive number")]
 NonNegativeFloat = Annotated[float, AtLeast(0, False, "a number ≥ 0")]
 
@@ -58,10 +62,13 @@ NonNegativeFloat = Annotated[float, AtLeast(0, False, "a number ≥ 0")]
 @dataclass(frozen=True)
 class ModelConfig:
     arch: Annotated[str, OneOf(ARCHS)] = "simple_vgg"  # dtp/models.py; none has batch norm
-    # simple_vgg, lenet: one conv-pool block per entry; resnet*: exactly 4 stage widths, the stem takes the first
+    # simple_vgg, lenet: one conv-pool block per entry; resnet*: exactly 4 stage widths, the stem takes the first;
+    # mlp: one hidden layer's width per entry
     channels: tuple[PositiveInt, ...] = ()
     activation: Annotated[str, OneOf(ACTIVATIONS)] = "elu"  # every activation, feedback included
     hidden: PositiveInt = 512  # lenet only: units of its hidden linear layer
+    bias: tuple[bool, ...] = ()  # mlp only: per linear layer, hidden ones then the classifier (empty: all)
+    init: Annotated[str, OneOf(("default", "xavier_normal"))] = "default"  # xavier_normal: and zero biases
 
 
 @dataclass(frozen=True)
@@ -76,11 +83,22 @@ class FeedbackConfig:
     weight_decay: NonNegativeFloat = 0.0
     samples: PositiveInt = 1
     init_symmetric: bool = False  # start G's weights at the transposes of F's (its biases as initialised)
+    betas: tuple[NonNegativeFloat, ...] = (0.9, 0.999)  # adam only (torch's defaults)
+    eps: PositiveFloat = 1e-8  # adam only
+    fb_epochs: NonNegativeInt = 0  # drl (s-DDTP): feedback-only passes over the training set before epoch 0
+    extra_fb_epochs: NonNegativeInt = 0  # drl (s-DDTP): feedback-only passes before every later epoch
+    # Each block's k_i iterations as one CUDA graph, blocks on concurrent streams (dtp/graphs.py); off until
+    # measured on a GPU.
+    cuda_graphs: Annotated[str, OneOf(GRAPH_SETTINGS)] = "off"
 
 
 @dataclass(frozen=True)
 class ForwardConfig:
     lr: PositiveFloat = 0.08
+    lrs: tuple[PositiveFloat, ...] = ()  # one per forward block F_0..F_N instead of lr (empty: lr for all)
+    normalize_lr: bool = False  # use lr / beta (Meulemans et al.'s normalize_lr), for lr and lrs alike
+    betas: tuple[NonNegativeFloat, ...] = (0.9, 0.999)  # adam only
+    eps: tuple[PositiveFloat, ...] = ()  # adam only: one per forward block F_0..F_N (empty: 1e-8 for all)
     optimizer: Annotated[str, OneOf(OPTIMIZERS)] = "sgd"
     momentum: NonNegativeFloat = 0.9
     weight_decay: NonNegativeFloat = 1e-4
@@ -115,6 +133,9 @@ class Config:
     batch_size: PositiveInt = 128
     eval_batch_size: PositiveInt = 500
     mixed_precision: Annotated[str, OneOf(MIXED_PRECISION)] = "no"
+    precision: Annotated[str, OneOf(("float32", "float64"))] = "float32"  # the weights' and inputs' dtype
+    augment: bool = True  # random crop and flip of training batches (docs/design.md §8)
+    normalize: Annotated[str, OneOf(("dataset", "half"))] = "dataset"  # per-channel statistics, or 0.5 and 0.5
     model: ModelConfig = field(default_factory=ModelConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     forward: ForwardConfig = field(default_factory=ForwardConfig)
@@ -149,6 +170,8 @@ def _typed(value: Any, hint: Any, name: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list, got {value!r}")
         return tuple(_typed(v, get_args(hint)[0], f"every entry of {name}") for v in value)
+    if isinstance(rule, OneOf) and isinstance(value, bool) and {"on", "off"} <= set(rule.choices):
+        value = "on" if value else "off"  # YAML 1.1 reads on and off (and yes, no) as booleans
     wanted = rule.wanted if isinstance(rule, AtLeast) else {bool: "true or false", int: "an integer",
                                                              float: "a number", str: "a string"}[hint]
     kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}[hint]
@@ -249,6 +272,10 @@ def validate(cfg: Config) -> None:
     if not cfg.model.channels:
         raise ConfigError("model.channels is not set; a config file gives the network and its per-block lists "
                           "(start from one in configs/), or give them with --set model.channels=[32,64,64]")
+    check_drl_settings(cfg)
+    for name, section in (("feedback", cfg.feedback), ("forward", cfg.forward)):
+        if len(section.betas) != 2 or not all(b < 1 for b in section.betas):
+            raise ConfigError(f"{name}.betas must be two numbers in [0, 1), got {list(section.betas)}")
     iterations = cfg.feedback.iterations
     if cfg.algorithm == "parallel_dtp" and any(k != 1 for k in iterations):
         raise ConfigError(
@@ -260,14 +287,24 @@ def validate(cfg: Config) -> None:
 
 def check_block_lists(cfg: Config, n_blocks: int) -> None:
     """Per-block lists must match the network exactly: no silent truncation or repetition."""
+    trained = f"Q_0..Q_{n_blocks - 1}" if cfg.algorithm == "drl" else f"blocks 1..{n_blocks}"
     for key in PER_BLOCK_KEYS:
         values = getattr(cfg.feedback, key)
         if len(values) != n_blocks:
             raise ConfigError(
                 f"feedback.{key} has {len(values)} entries but the network has {n_blocks} trainable "
-                f"feedback blocks (blocks 1..{n_blocks}); give exactly one value per block in forward order, "
+                f"feedback blocks ({trained}); give exactly one value per block in forward order, "
                 f"e.g. --set feedback.{key}=[...]"
             )
+
+
+def check_forward_lists(cfg: Config, n_blocks: int) -> None:
+    """forward.lrs and forward.eps, when given, have one entry per forward block."""
+    for key in ("lrs", "eps"):
+        values = getattr(cfg.forward, key)
+        if values and len(values) != n_blocks:
+            raise ConfigError(f"forward.{key} has {len(values)} entries but the network has {n_blocks} forward "
+                              f"blocks (F_0..F_{n_blocks - 1}); give one value per block, or none")
 
 
 def build(data: dict[str, Any]) -> Config:

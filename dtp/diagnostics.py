@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dtp.algorithm import forward_losses, forward_pass, propagate_targets
+from dtp.algorithm import Variant, forward_pass
 from dtp.models import DTPNetwork, ForwardBlock, FeedbackBlock, weight_pairs
 
 BP_COMPARISON_BETA = 0.005  # the published callback's temporary β
@@ -56,6 +56,12 @@ def weight_alignment(forward_block: ForwardBlock, feedback_block: FeedbackBlock)
     return angle_and_distance(weight_pairs(forward_block, feedback_block))
 
 
+def aligned_blocks(network: DTPNetwork) -> range:
+    """The blocks whose forward weights W have feedback twins Bᵀ to compare with: 1..N for inverted blocks,
+    none for DRL's direct maps (Q_i goes from the output to block i, not from block i to i−1)."""
+    return range(1, network.n_feedback + 1) if network.feedback_architecture.inverts_forward else range(0)
+
+
 @dataclass
 class BackpropComparison:
     """Angle and distance of the DTP update against the BP gradient, per block and per parameter."""
@@ -64,24 +70,29 @@ class BackpropComparison:
     parameters: dict[str, tuple[float, float]]  # 'block{i}.{name}': each parameter alone, biases included
 
 
-def compare_to_backprop(network: DTPNetwork, x: Tensor, labels: Tensor, difference_targets: bool,
+def compare_to_backprop(network: DTPNetwork, x: Tensor, labels: Tensor, variant: Variant,
                         beta: float = BP_COMPARISON_BETA) -> BackpropComparison:
-    """The DTP update (targets nudged by β, scaled by 1/β) against the BP gradient on one batch.
+    """The variant's update (its output target nudged as far as DTP's by β, the update scaled to BP's)
+    against the BP gradient on one batch.
 
-    With t_N = h_N − β ∂CE_sum/∂h_N and the batch-mean forward loss, the scaled update of the last block
-    is BP's gradient of the mean cross-entropy (angle 0); every lower block measures how well the
-    feedback weights carry that gradient down. Nothing is stepped and no .grad is touched, and no random
-    number is drawn: the run continues exactly as without it.
+    With DTP's t_N = h_N − β ∂CE_sum/∂h_N and the batch-mean forward loss, the update of the last block
+    is β × BP's gradient of the mean cross-entropy (angle 0); DRL's is 2β/B × it, so DRL's β is B/2 times
+    larger here, which keeps its tiny target differences above float32 rounding. Every lower block
+    measures how well the feedback weights carry the gradient down (DRL's carry a Gauss-Newton step
+    instead). Nothing is stepped and no .grad is touched, and no random number is drawn: the run
+    continues exactly as without it.
     """
     blocks = list(network.forward_blocks)
     named = [(i, name, p) for i, block in enumerate(blocks) for name, p in block.named_parameters()]
     params = [p for _, _, p in named]
     bp_grads = torch.autograd.grad(F.cross_entropy(network(x), labels), params)  # outside autocast: fp32
     outputs, indices = forward_pass(blocks, x)
-    targets = propagate_targets(list(network.feedback_blocks), outputs, indices, labels, beta, difference_targets)
-    dtp_grads = torch.autograd.grad(torch.stack(forward_losses(outputs, targets)).sum(), params)
+    per_beta = variant.update_per_beta(labels.numel())
+    nudge = beta / per_beta  # DTP's: β itself
+    targets = variant.target_rule(list(network.feedback_blocks), outputs, indices, labels, nudge)
+    dtp_grads = torch.autograd.grad(torch.stack(variant.forward_loss(outputs, targets, None)).sum(), params)
     # As published, the scaled DTP update comes first: distances are relative to it.
-    pairs = [(d / beta, g) for d, g in zip(dtp_grads, bp_grads)]
+    pairs = [(d / (nudge * per_beta), g) for d, g in zip(dtp_grads, bp_grads)]
     per_block = [
         angle_and_distance([pair for (j, _, p), pair in zip(named, pairs) if j == i and p.dim() > 1])
         for i in range(len(blocks))

@@ -7,8 +7,8 @@ block with the same `train_block`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -20,6 +20,7 @@ from dtp.hooks import BlockShard
 from dtp.models import DTPNetwork
 from dtp.optim import make_optimizer
 from dtp.runtime import Runtime
+from dtp.graphs import BlockLoop, on_streams
 from dtp.seeding import BlockNoise
 
 
@@ -38,13 +39,14 @@ class FeedbackPhase(Protocol):
         """Release workers, if any."""
 
 
-def make_feedback_optimizers(network: DTPNetwork, cfg: Config) -> list[torch.optim.Optimizer]:
-    """One optimiser per trainable feedback block (list index i−1 for G_i), with its own lr (feedback.*)."""
+def make_feedback_optimizers(network: DTPNetwork, cfg: Config, capturable: bool = False) -> list[torch.optim.Optimizer]:
+    """One optimiser per trainable feedback module (list index i−1 for G_i, i for DRL's Q_i), with its own lr
+    (feedback.*); `capturable` when the feedback loops are captured as CUDA graphs."""
     fb = cfg.feedback
     return [
-        make_optimizer(network.feedback_blocks[i].parameters(), fb.optimizer, fb.lr[i - 1], fb.momentum,
-                       fb.weight_decay)
-        for i in range(1, network.n_feedback + 1)
+        make_optimizer(module.parameters(), fb.optimizer, lr, fb.momentum, fb.weight_decay, fb.betas, fb.eps,
+                       capturable)
+        for module, lr in zip(network.trained_feedback, fb.lr, strict=True)
     ]
 
 
@@ -74,28 +76,28 @@ def train_block(
     settings: BlockSettings,
     runtime: Runtime,
     shard: BlockShard | None = None,
+    loop: BlockLoop | None = None,
 ) -> Tensor:
     """Train feedback block `settings.block` on x, this process's rows (`shard`; default all of them) of
     the step's input; return its mean loss over the full batch.
 
-    The noise depends only on (seed, block, step, rows), so every trainer of a block draws the same.
+    The noise depends only on (seed, block, step), so every trainer of a block draws the same. `loop`
+    keeps the block's noise buffers (and its CUDA graph, if any) from step to step; a new one if not given.
     """
     shard = shard or BlockShard(slice(0, x.shape[0]))
     i = settings.block
-    return train_feedback_block(
-        network.forward_blocks[i],
-        network.feedback_blocks[i],
-        optimizer,
-        x,
-        iterations=settings.iterations,
-        sigma=settings.sigma,
-        samples=settings.samples,
-        noise=BlockNoise(settings.seed, i, step, shard.rows, runtime.device),
-        autocast=runtime.autocast,
-        batch_total=shard.batch_total,
-        all_reduce=shard.all_reduce,
-        loss_fn=settings.loss_fn,
-    )
+    loop = loop or BlockLoop(runtime.device, graphed=False)
+    loop.noise.start(settings.seed, i, step, shard.rows, shard.batch_total or x.shape[0])
+
+    def iterations(inputs: Tensor, noise: BlockNoise) -> Tensor:
+        return train_feedback_block(
+            network.forward_blocks[i], network.feedback_blocks[i], optimizer, inputs,
+            iterations=settings.iterations, sigma=settings.sigma, samples=settings.samples, noise=noise,
+            autocast=runtime.autocast, batch_total=shard.batch_total, all_reduce=shard.all_reduce,
+            loss_fn=settings.loss_fn,
+        )
+
+    return loop.run(iterations, x, collective=shard.all_reduce is not None)
 
 
 def train_blocks(
@@ -107,15 +109,25 @@ def train_blocks(
     step: int,
     runtime: Runtime,
     batch_total: int | None = None,
+    loops: dict[int, BlockLoop] | None = None,
+    streams: dict[int, torch.cuda.Stream] | None = None,
 ) -> dict[int, Tensor]:
-    """Train the given feedback blocks (1-based) one after the other, each on its whole input h_{i−1},
-    this process's rows of a batch of `batch_total` rows."""
-    losses = {}
-    for i in blocks:
+    """Train the given feedback blocks (1-based), each on its whole input h_{i−1}, this process's rows of a
+    batch of `batch_total` rows: one after the other, or on CUDA streams with runtime.cuda_graphs.
+    `loops` and `streams` keep each block's loop and stream between calls."""
+    loops = {} if loops is None else loops
+
+    def run(i: int) -> Callable[[], Tensor]:
         x = block_inputs[i - 1]
         shard = BlockShard(slice(0, x.shape[0]), batch_total=batch_total)
-        losses[i] = train_block(network, optimizers[i - 1], x, step, BlockSettings.from_config(cfg, i), runtime, shard)
-    return losses
+        loop = loops.setdefault(i, BlockLoop(runtime.device, runtime.cuda_graphs))
+        return lambda: train_block(network, optimizers[i - 1], x, step, BlockSettings.from_config(cfg, i), runtime,
+                                   shard, loop)
+
+    runs = {i: run(i) for i in blocks}
+    if runtime.cuda_graphs:
+        return on_streams(runtime.device, runs, {} if streams is None else streams)
+    return {i: go() for i, go in runs.items()}
 
 
 @dataclass
@@ -127,11 +139,13 @@ class LocalFeedback:
     cfg: Config
     runtime: Runtime
     order: list[int] | None = None
+    loops: dict[int, BlockLoop] = field(default_factory=dict)
+    streams: dict[int, torch.cuda.Stream] = field(default_factory=dict)
 
     def train(self, block_inputs: list[Tensor], step: int, batch_total: int) -> list[Tensor]:
         order = self.order or list(range(1, self.network.n_feedback + 1))
         losses = train_blocks(self.network, self.optimizers, self.cfg, order, block_inputs, step, self.runtime,
-                              batch_total)
+                              batch_total, self.loops, self.streams)
         return [losses[i] for i in sorted(losses)]
 
     def log(self, writer: SummaryWriter, step: int) -> None:

@@ -8,19 +8,20 @@ from torch import Tensor
 
 
 class AverageMeter:
-    """Sample-weighted running mean of a scalar."""
+    """Sample-weighted running mean of a scalar. A tensor value is summed where it lives, so updating
+    reads nothing on the host; reading `avg` does."""
 
     def __init__(self) -> None:
-        self.sum = 0.0
+        self.sum: float | Tensor = 0.0
         self.count = 0
 
-    def update(self, value: float, n: int = 1) -> None:
-        self.sum += value * n
+    def update(self, value: float | Tensor, n: int = 1) -> None:
+        self.sum = self.sum + value * n
         self.count += n
 
     @property
     def avg(self) -> float:
-        return self.sum / max(self.count, 1)
+        return float(self.sum) / max(self.count, 1)
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ class DataReplica(Protocol):
     """
 
     is_main: bool
+    copies: int
 
     def rows(self, batch: int) -> slice:
         """The rows of a batch of `batch` rows this copy trains on."""
@@ -30,6 +31,7 @@ class WholeBatch:
     """The one and only copy: all rows, nothing to sum."""
 
     is_main = True
+    copies = 1
 
     def rows(self, batch: int) -> slice:
         return slice(0, batch)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from dtp import config as config_lib
 from dtp.algorithm import VARIANTS
-from dtp.diagnostics import BackpropComparison, weight_alignment, whole_tensor_angle
+from dtp.diagnostics import BackpropComparison, aligned_blocks, weight_alignment, whole_tensor_angle
 from dtp.feedback import FeedbackPhase
 from dtp.models import DTPNetwork, weight_pairs
 from dtp.step import StepResult
@@ -73,7 +73,7 @@ class RunLog:
         """Per block: W against Bᵀ (per-filter angle, distance, whole-tensor angle) and the DTP update
         against the BP gradient; per parameter, the latter as the published callback logs it."""
         w, figures = self.writer, {}
-        for i in range(1, network.n_feedback + 1):
+        for i in aligned_blocks(network):
             forward, feedback = network.forward_blocks[i], network.feedback_blocks[i]
             angle, distance = weight_alignment(forward, feedback)
             whole = whole_tensor_angle(weight_pairs(forward, feedback))

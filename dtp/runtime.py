@@ -16,12 +16,19 @@ class Runtime:
 
     device: torch.device
     autocast: Autocast = nullcontext
+    cuda_graphs: bool = False  # feedback loops captured as CUDA graphs, blocks on streams (dtp/graphs.py)
+
+    def __post_init__(self) -> None:
+        if self.device.type == "cuda":
+            # Shapes are fixed for a whole run, so cuDNN's per-shape algorithm search pays off at once.
+            torch.backends.cudnn.benchmark = True
 
 
-def autocast_for(device: torch.device, mixed_precision: str) -> Autocast:
-    """bf16 autocast on `device`, or none; what Accelerate provides to the sequential script."""
+def autocast_for(device: torch.device, mixed_precision: str, cache_enabled: bool = True) -> Autocast:
+    """bf16 autocast on `device`, or none; what Accelerate provides to the sequential script. A captured
+    CUDA graph needs the weight-cast cache off: a cached cast would not be redone on replay."""
     if mixed_precision == "bf16":
-        return partial(torch.autocast, device.type, dtype=torch.bfloat16)
+        return partial(torch.autocast, device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return nullcontext
 
 

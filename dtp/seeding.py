@@ -15,7 +15,6 @@ import torch
 from torch import Tensor
 
 FEEDBACK_NOISE_STREAM = 1  # the first key of every feedback-noise generator
-NOISE_CHUNK_ROWS = 8  # rows per noise generator: batches are split on multiples of it
 
 
 def derive_seed(*keys: int) -> int:
@@ -41,38 +40,42 @@ def global_cpu_rng_seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def noise_generator(seed: int, block: int, step: int, chunk: int, device: torch.device) -> torch.Generator:
-    """The generator rows [8·chunk, 8·chunk + 8) of block `block`'s feedback noise come from at step `step`.
-
-    It depends on nothing but (run seed, block, step, chunk), so the order in which blocks are trained,
-    the rank that trains them, how the batch is split and whether the run was resumed never change the
-    noise (docs/design.md §9).
-    """
-    return seeded_generator(FEEDBACK_NOISE_STREAM, seed, block, step, chunk, device=device)
+def block_noise_seed(seed: int, block: int, step: int) -> int:
+    """The seed of block `block`'s feedback noise at step `step`: nothing but (run seed, block, step), so
+    the order in which blocks are trained, the rank that trains them, how the batch is split and whether
+    the run was resumed never change the noise (docs/design.md §9)."""
+    return derive_seed(FEEDBACK_NOISE_STREAM, seed, block, step)
 
 
 class BlockNoise:
-    """Feedback noise of one block at one step, for rows [start, stop) of the full batch.
+    """One block's feedback noise: a generator and two buffers, kept for the whole run.
 
-    The full batch's noise is drawn in chunks of NOISE_CHUNK_ROWS rows, each from its own generator, and
-    every iteration draws dx then dy from each. A process training only some rows (a split block, a
-    data-parallel replica) draws exactly its rows of the full-batch noise and nothing else, so
-    splitting the batch never changes the math and costs no extra random numbers.
+    Each step re-seeds the generator (`start`), and every iteration draws dx, then dy, for the full batch
+    (K × batch rows) into the buffers, one kernel each; a process that trains rows [start, stop) of the
+    batch (a split block, a data-parallel replica) uses those rows. Fixed buffers, few kernels and a
+    generator re-seeded between steps are what let a CUDA graph capture the loop and replay it exactly.
     """
 
-    def __init__(self, seed: int, block: int, step: int, rows: slice, device: torch.device) -> None:
-        start, stop = rows.start, rows.stop
-        if start % NOISE_CHUNK_ROWS:
-            raise ValueError(f"noise rows must start on a multiple of {NOISE_CHUNK_ROWS}, got {start}")
-        self.chunks = [
-            (min(NOISE_CHUNK_ROWS, stop - first), noise_generator(seed, block, step, first // NOISE_CHUNK_ROWS, device))
-            for first in range(start, stop, NOISE_CHUNK_ROWS)
-        ]
+    def __init__(self, device: torch.device | str) -> None:
+        self.generator = torch.Generator(device=device)
+        self.rows, self.batch = slice(0, 0), 0
+        self._dx: Tensor | None = None
+        self._dy: Tensor | None = None
+
+    def start(self, seed: int, block: int, step: int, rows: slice, batch: int) -> BlockNoise:
+        """Seed the step's noise of a batch of `batch` rows, of which this process trains `rows`."""
+        self.generator.manual_seed(block_noise_seed(seed, block, step))
+        self.rows, self.batch = rows, batch
+        return self
 
     def draw(self, samples: int, x: Tensor, y: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
         """dx (K×rows×x-shape) and dy (K×rows×y-shape) for the next iteration, scaled by sigma."""
-        dx, dy = [], []
-        for rows, gen in self.chunks:
-            dx.append(torch.randn((samples, rows, *x.shape[1:]), generator=gen, device=x.device, dtype=x.dtype))
-            dy.append(torch.randn((samples, rows, *y.shape[1:]), generator=gen, device=y.device, dtype=y.dtype))
-        return sigma * torch.cat(dx, 1), sigma * torch.cat(dy, 1)
+        self._dx = self._filled(self._dx, (samples, self.batch, *x.shape[1:]), x)
+        self._dy = self._filled(self._dy, (samples, self.batch, *y.shape[1:]), y)
+        return sigma * self._dx[:, self.rows], sigma * self._dy[:, self.rows]
+
+    def _filled(self, buffer: Tensor | None, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """`buffer` (reallocated only if the batch's shape changed) filled with standard normal noise."""
+        if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buffer.normal_(generator=self.generator)

@@ -21,6 +21,7 @@ from dtp.checkpoint import save_checkpoint, save_summary
 from dtp.config import Config
 from dtp.data import BatchLoader, DatasetSplits
 from dtp.diagnostics import BackpropComparison, compare_to_backprop
+from dtp.drl_training import feedback_only_epochs
 from dtp.errors import UserError
 from dtp.feedback import FeedbackPhase
 from dtp.metrics import AverageMeter
@@ -29,7 +30,7 @@ from dtp.optim import build_forward_optimizer
 from dtp.replica import DataReplica, WholeBatch
 from dtp.runlog import RunLog, epoch_prefix, progress_bar, step_prefix
 from dtp.runtime import Runtime
-from dtp.step import StepResult, check_finite, evaluate_network, full_batch_figures, train_step
+from dtp.step import FiniteWatch, StepResult, evaluate_network, full_batch_figures, train_step
 from dtp.stopping import EarlyStopping, StopSignal
 
 
@@ -61,8 +62,10 @@ class Trainer:
         self.train_seconds, self.train_images = 0.0, 0
         self.stop = StopSignal()
         self.early_stopping = EarlyStopping(cfg.early_stopping.patience, cfg.early_stopping.min_delta)
+        self.finite = FiniteWatch()
         self.stopped_early = False
         self._log: RunLog | None = None
+        self.feedback_only = feedback_only_epochs(cfg, network, feedback)  # DRL's s-DDTP passes, or None
 
     @property
     def log(self) -> RunLog:
@@ -88,6 +91,7 @@ class Trainer:
             "epoch": self.step // self.steps_per_epoch,
             "wall_time_s": self.wall_before + time.perf_counter() - self.started,
             "early_stopping": {"best": self.early_stopping.best, "bad_evaluations": self.early_stopping.bad_evaluations},
+            "feedback_only_batches": self.feedback_only.done if self.feedback_only else 0,  # drl's s-DDTP passes
             "config": self.cfg.to_dict(),
         }
 
@@ -109,13 +113,15 @@ class Trainer:
         early = state.get("early_stopping", {})  # checkpoints from before early stopping have none
         self.early_stopping.best = early.get("best", -math.inf)
         self.early_stopping.bad_evaluations = early.get("bad_evaluations", 0)
+        if self.feedback_only is not None:
+            self.feedback_only.done = state.get("feedback_only_batches", 0)
 
     def fit(self, data: DatasetSplits, out_dir: Path | None, max_steps: int | None = None) -> FitResult:
         """Train until cfg.epochs (or max_steps steps in total); evaluate and checkpoint after each epoch.
 
         Every copy stops at the same step: at the end, on a signal, or on a NaN loss (an error).
         """
-        train_loader, test_loader = _loaders(data, self.cfg)
+        train_loader, test_loader = _loaders(data, self.cfg, self.runtime.device)
         self.steps_per_epoch = len(train_loader)
         total_steps = self.cfg.epochs * self.steps_per_epoch
         if max_steps is not None:
@@ -125,6 +131,9 @@ class Trainer:
         evaluated_at, stopping, early = -1, False, False
         while self.step < total_steps and not stopping and not early:
             epoch = self.step // self.steps_per_epoch
+            writer = self._log.writer if self._log else None
+            if self.feedback_only and self.feedback_only.run(train_loader, epoch, self.stop, writer):
+                return self.stopped(out_dir, checkpointed=False)
             stopping, ce, top1 = self.train_epoch(train_loader, epoch, total_steps)
             if self.step % self.steps_per_epoch == 0:
                 evaluated_at = self.step
@@ -156,7 +165,7 @@ class Trainer:
         bar = progress_bar(n_batches, epoch, show=self.replica.is_main)
         batches = loader.epoch(epoch, start=first)
         stopping = False
-        for _ in range(n_batches):
+        for b in range(n_batches):
             t0 = time.perf_counter()
             x, y = next(batches)
             result, stopping = self.train_batch(x, y)
@@ -164,10 +173,14 @@ class Trainer:
             batch_total = y.numel()
             self.train_seconds += dt
             self.train_images += batch_total
-            ce_meter.update(float(result.ce_loss), batch_total)
-            top1_meter.update(float(result.top1), batch_total)
+            ce_meter.update(result.ce_loss, batch_total)
+            top1_meter.update(result.top1, batch_total)
             self.step += 1
-            bar.set_postfix(loss=f"{ce_meter.avg:.3f}", top1=f"{top1_meter.avg:.3f}", img_s=f"{batch_total / dt:.0f}")
+            if self.step % self.cfg.log.every == 0 or stopping or b == n_batches - 1:
+                # Every copy reads its figures here, at the same steps: every log.every and before any checkpoint.
+                self.finite.check(self.cfg, self.network.n_feedback)
+                bar.set_postfix(loss=f"{ce_meter.avg:.3f}", top1=f"{top1_meter.avg:.3f}",
+                                img_s=f"{batch_total / dt:.0f}")
             bar.update()
             if self.replica.is_main:
                 self.log_step(x, y, result, batch_total / dt, last=self.step == total_steps)
@@ -183,7 +196,7 @@ class Trainer:
         result = train_step(self.network, self.forward_opt, self.feedback, x, y, self.cfg, self.step, self.runtime,
                             batch_total, self.replica)
         stopping = full_batch_figures(result, y, batch_total, self.stop.received is not None, self.replica)
-        check_finite(result, self.step, self.cfg)
+        self.finite.update(result, self.step)
         return result, stopping
 
     def log_step(self, x: Tensor, y: Tensor, result: StepResult, images_per_s: float, last: bool) -> None:
@@ -197,7 +210,7 @@ class Trainer:
         """dtp.diagnostics.compare_to_backprop on this copy's rows of the batch just trained on."""
         rows = self.replica.rows(y.numel())
         x, y = x[rows].to(self.runtime.device), y[rows].to(self.runtime.device)
-        return compare_to_backprop(self.network, x, y, VARIANTS[self.cfg.algorithm].difference_targets)
+        return compare_to_backprop(self.network, x, y, VARIANTS[self.cfg.algorithm])
 
     def end_epoch(self, loader: BatchLoader, out_dir: Path | None, prefix: str) -> tuple[dict[str, float], bool]:
         """Step the lr schedule; the main copy evaluates and checkpoints; every copy learns whether to stop early."""
@@ -222,6 +235,7 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self, out_dir: Path) -> None:
+        self.finite.check(self.cfg, self.network.n_feedback)  # never a checkpoint of weights a NaN reached
         save_checkpoint(out_dir, self.state_dict())
 
     def stopped(self, out_dir: Path | None, checkpointed: bool) -> FitResult:
@@ -257,10 +271,16 @@ class Trainer:
         return summary
 
 
-def _loaders(data: DatasetSplits, cfg: Config) -> tuple[BatchLoader, BatchLoader]:
-    """The shuffled training batches and the fixed-order evaluation batches."""
-    train = BatchLoader(data.train_x, data.train_y, cfg.batch_size, data.mean, data.std, train=True,
-                        seed=cfg.seed)
-    test = BatchLoader(data.test_x, data.test_y, cfg.eval_batch_size, data.mean, data.std, train=False,
-                       seed=cfg.seed)
+def _loaders(data: DatasetSplits, cfg: Config, device: torch.device) -> tuple[BatchLoader, BatchLoader]:
+    """The shuffled (and, with cfg.augment, augmented) training batches and the fixed-order evaluation batches,
+    normalised per cfg.normalize, in cfg.precision, over the dataset moved to `device` once: batches are
+    gathered, augmented and normalised there, with no per-step copies."""
+    mean, std = data.mean, data.std
+    if cfg.normalize == "half":
+        mean, std = torch.full_like(mean, 0.5), torch.full_like(std, 0.5)
+    dtype = getattr(torch, cfg.precision)
+    train = BatchLoader(data.train_x.to(device), data.train_y.to(device), cfg.batch_size, mean, std, train=True,
+                        seed=cfg.seed, augmented=cfg.augment, dtype=dtype)
+    test = BatchLoader(data.test_x.to(device), data.test_y.to(device), cfg.eval_batch_size, mean, std, train=False,
+                       seed=cfg.seed, dtype=dtype)
     return train, test

@@ -197,7 +197,7 @@ CPU = torch.device("cpu")
 def draw(seed, block, step, rows, iterations=2, total=20):
     """The dx, dy of the last of `iterations` iterations for `rows` of a batch of `total` rows."""
     x, y = torch.empty(total, 3, 4, 4)[rows], torch.empty(total, 5, 2, 2)[rows]
-    noise = BlockNoise(seed, block, step, rows, CPU)
+    noise = BlockNoise(CPU).start(seed, block, step, rows, total)
     for _ in range(iterations):
         dx, dy = noise.draw(2, x, y, 0.5)
     return dx, dy
@@ -213,11 +213,21 @@ def test_noise_depends_only_on_seed_block_and_step():
 def test_a_part_of_the_batch_draws_exactly_its_rows_of_the_full_batch_noise():
     full_dx, full_dy = draw(0, 2, 7, slice(0, 20))
     assert full_dx.shape == (2, 20, 3, 4, 4) and full_dy.shape == (2, 20, 5, 2, 2)
-    for rows in (slice(0, 8), slice(8, 16), slice(8, 20), slice(16, 20)):
+    for rows in (slice(0, 8), slice(8, 16), slice(8, 20), slice(16, 20), slice(3, 11)):
         dx, dy = draw(0, 2, 7, rows)
         assert torch.equal(dx, full_dx[:, rows]) and torch.equal(dy, full_dy[:, rows])
-    with pytest.raises(ValueError, match="multiple of 8"):
-        BlockNoise(0, 2, 7, slice(4, 20), CPU)
+
+
+def test_noise_kept_from_step_to_step_draws_what_fresh_noise_draws():
+    """The trainers keep one BlockNoise per block for the whole run (its generator and buffers, as a
+    captured graph needs); re-seeding it per step, and a batch of another size, change nothing."""
+    kept = BlockNoise(CPU)
+    for step, total in ((3, 20), (4, 20), (5, 12), (6, 20)):
+        x, y = torch.empty(total, 3, 4, 4), torch.empty(total, 5, 2, 2)
+        fresh = BlockNoise(CPU).start(0, 2, step, slice(0, total), total)
+        kept.start(0, 2, step, slice(0, total), total)
+        for _ in range(2):
+            assert all(torch.equal(a, b) for a, b in zip(kept.draw(2, x, y, 0.5), fresh.draw(2, x, y, 0.5)))
 
 
 @pytest.mark.parametrize("loss_fn", [feedback_loss, reconstruction_loss])
@@ -262,7 +272,7 @@ def test_train_feedback_block_lowers_the_loss_it_is_given_on_held_out_noise(loss
     dx, dy = 0.1 * torch.randn((8, *h0.shape), generator=gen), 0.1 * torch.randn((8, *y.shape), generator=gen)
     before = float(loss_fn(f, g, h0, y, idx, dx, dy).detach())
     opt = torch.optim.SGD(g.parameters(), lr=0.01, momentum=0.9)
-    train_feedback_block(f, g, opt, h0, 40, 0.1, 1, BlockNoise(0, 1, 0, slice(0, 16), CPU), loss_fn=loss_fn)
+    train_feedback_block(f, g, opt, h0, 40, 0.1, 1, BlockNoise(CPU).start(0, 1, 0, slice(0, 16), 16), loss_fn=loss_fn)
     after = float(loss_fn(f, g, h0, y, idx, dx, dy).detach())
     assert before > 0 and after < LOSS_AFTER_TRAINING[loss_fn] * before
 
@@ -298,7 +308,7 @@ def test_ldrl_aligns_a_linear_blocks_feedback_weights_with_the_transposed_forwar
     x = torch.randn(128, 512, 1, 1)
     start, _ = weight_alignment(forward, feedback)
     for step in range(10):
-        noise = BlockNoise(0, 5, step, slice(0, 128), CPU)
+        noise = BlockNoise(CPU).start(0, 5, step, slice(0, 128), 128)
         train_feedback_block(forward, feedback, optimizer, x, 20, 0.08, 1, noise)
     angle, distance = weight_alignment(forward, feedback)
     assert start > 80.0

@@ -1,5 +1,6 @@
 """Config values as users write them: exponent-notation numbers read as numbers in files and in --set."""
 import pytest
+import torch
 
 from conftest import SMOKE
 from dtp import config as config_lib
@@ -89,3 +90,16 @@ def test_shapes_has_vanilla_dtp_and_tp_configs_the_default_lookup_finds():
         cfg = config_lib.resolve(None, {"dataset": "shapes", "algorithm": algorithm}, [])
         assert cfg.algorithm == algorithm and cfg.model == shapes.model and cfg.epochs == shapes.epochs
         assert cfg.feedback.lr == tuple(lr / 100 for lr in shapes.feedback.lr) and cfg.forward.lr == 1e-3
+
+
+def test_the_cuda_graphs_switch_is_off_by_default_and_on_only_where_cuda_is():
+    from dtp.graphs import graphs_enabled
+
+    assert config_lib.resolve(SMOKE, {}, []).feedback.cuda_graphs == "off"
+    with pytest.raises(config_lib.ConfigError, match="feedback.cuda_graphs is 'always'; choose one of auto, on, off"):
+        config_lib.resolve(SMOKE, {}, ["feedback.cuda_graphs=always"])
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [graphs_enabled(s, cpu) for s in ("auto", "off")] == [False, False]
+    assert [graphs_enabled(s, cuda) for s in ("auto", "on", "off")] == [True, True, False]
+    with pytest.raises(config_lib.ConfigError, match="CUDA graphs need a GPU: set it to auto or off"):
+        graphs_enabled("on", cpu)

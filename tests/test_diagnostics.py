@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from conftest import SMOKE, load, scalar_values, train_in_process
-from dtp.algorithm import forward_pass
+from dtp.algorithm import VARIANTS, forward_pass
 from dtp.config import ModelConfig, build
 from dtp.diagnostics import angle_and_distance, compare_to_backprop, whole_tensor_angle
 from dtp.feedback import make_feedback_optimizers, train_blocks
@@ -57,7 +57,7 @@ def test_dtp_with_transposed_feedback_on_a_linear_network_is_backprop():
             for w, b_t in weight_pairs(f, g):
                 b_t.copy_(w)
     x, y = torch.randn(16, 3, 2, 2, dtype=torch.float64), torch.randint(0, 4, (16,))
-    comparison = compare_to_backprop(net, x, y, difference_targets=True)
+    comparison = compare_to_backprop(net, x, y, VARIANTS["dtp"])
     for angle, distance in [*comparison.blocks, *comparison.parameters.values()]:
         assert angle < 1e-4 and distance < 1e-6
     assert set(comparison.parameters) == {f"block{i}.layers.{k}.{p}" for i, k in ((0, 1), (1, 0), (2, 0))
@@ -69,7 +69,7 @@ def test_the_comparison_changes_nothing_in_the_run():
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
     rng = torch.get_rng_state()
-    comparison = compare_to_backprop(net, x, y, True)
+    comparison = compare_to_backprop(net, x, y, VARIANTS["dtp"])
     assert comparison.blocks[-1][0] < 1e-3  # the output block's update is BP's gradient
     assert all(p.grad is None for p in net.parameters())
     assert torch.equal(torch.get_rng_state(), rng)
@@ -88,12 +88,12 @@ def test_ldrl_feedback_training_brings_the_dtp_update_towards_the_bp_gradient(se
     optimizers = make_feedback_optimizers(net, cfg)
     generator = torch.Generator().manual_seed(seed)
     x, y = torch.randn(64, 3, 8, 8, generator=generator), torch.randint(0, 10, (64,), generator=generator)
-    start = compare_to_backprop(net, x, y, True).blocks
+    start = compare_to_backprop(net, x, y, VARIANTS["dtp"]).blocks
     for step in range(20):
         with torch.no_grad():
             outputs, _ = forward_pass(list(net.forward_blocks), x)
         train_blocks(net, optimizers, cfg, [1, 2], outputs[:-1], step, Runtime(torch.device("cpu")))
-    end = compare_to_backprop(net, x, y, True).blocks
+    end = compare_to_backprop(net, x, y, VARIANTS["dtp"]).blocks
     assert start[0][0] > 70 and start[1][0] > 70
     assert end[1][0] < 20 and end[0][0] < 45
 

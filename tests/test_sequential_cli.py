@@ -350,3 +350,49 @@ def test_bf16_autocast_is_applied_and_stays_close_to_fp32(tmp_path, monkeypatch,
     assert any(not torch.equal(a["forward"][n], b["forward"][n]) for n in a["forward"])
     assert all(torch.isfinite(t).all() for key in ("forward", "feedback") for t in b[key].values())
     assert max_relative_difference(a, b, "forward") < 0.1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the switch is valid")
+def test_cuda_graphs_on_a_cpu_is_an_error(tmp_path, monkeypatch, capsys, tiny_npz):
+    proc = script_in_process(monkeypatch, capsys, "train_sequential.py", "--config", SMOKE, "--dataset", "npz",
+                             "--data-dir", str(tiny_npz), "--set", "feedback.cuda_graphs=on", "--out", str(tmp_path / "r"))
+    expect_error(proc, "feedback.cuda_graphs is on, but this process computes on cpu")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_nan_is_caught_within_one_logging_interval_and_named_by_its_first_step(tmp_path, monkeypatch, capsys,
+                                                                                 tiny_npz):
+    """Losses are checked on the host every log.every steps, not after every step: the NaN of step 4 is
+    found at step 6 (log.every 3), reported as step 4's, and the epoch-1 checkpoint stays as it was."""
+    out = tmp_path / "run"
+    train_in_process(monkeypatch, "--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz),
+                     "--epochs", "1", "--out", str(out))
+    before = (out / "checkpoint.pt").read_bytes()
+    proc = script_in_process(monkeypatch, capsys, "train_sequential.py", "--resume", str(out), "--epochs", "2",
+                             "--set", "log.every=3", "--set", "feedback.lr=[1.0e+30,1.0e-3,1.0e-3,1.0e-3,1.0e-3]")
+    expect_error(proc, "NaN/inf loss at step 4: feedback loss of block(s) [1] is not finite")
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_training_step_reads_nothing_from_the_device(monkeypatch):
+    """A GPU step must not wait for the device: no tensor is turned into a Python value during a step
+    (the figures are read every log.every steps instead). Counted on the CPU through the conversions."""
+    from dtp import config as config_lib
+    from dtp.cli import build_network, sequential_trainer
+    from dtp.runtime import Runtime
+
+    cfg = config_lib.resolve(SMOKE, {}, ["model.channels=[3,4]", "feedback.iterations=[2,2]",
+                                         "feedback.noise=[0.1,0.1]", "feedback.lr=[0.01,0.01]"])
+    trainer = sequential_trainer(cfg, build_network(cfg, (3, 8, 8), 10), Runtime(torch.device("cpu")))
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 10, (16,))
+    reads = []
+    for name in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _name=name, _f=original, **k: (
+            reads.append(_name), _f(self, *a, **k))[1])
+    for step in range(2):
+        trainer.step = step
+        trainer.train_batch(x, y)
+    assert reads == []
+    trainer.finite.check(cfg, 2)
+    assert reads  # the check itself does read, which is what counting sees

@@ -7,6 +7,7 @@ data came from, so changing batching never touches a dataset reader.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Iterator
 
@@ -58,6 +59,8 @@ class BatchLoader:
         train: bool,
         seed: int,
         drop_last: bool | None = None,
+        augmented: bool | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise DataError(f"BatchLoader needs uint8 N×C×H×W images, got {x.dtype} {tuple(x.shape)}")
@@ -74,6 +77,8 @@ class BatchLoader:
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.train = train
+        self.augmented = train if augmented is None else augmented  # training batches are, unless told otherwise
+        self.dtype = dtype
         self.seed = seed
         # (x/255 - mean)/std folded into one multiply-add.
         std = std.to(device=x.device, dtype=torch.float32)
@@ -85,7 +90,7 @@ class BatchLoader:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (normalised float32 images, int64 labels) for batches start, start+1, ... of `epoch`."""
+        """Yield (normalised images in self.dtype, int64 labels) for batches start, start+1, ... of `epoch`."""
         n = len(self.x)
         if self.train:
             order = torch.randperm(n, generator=seeded_generator(_PERM_STREAM, self.seed, epoch)).to(self.x.device)
@@ -94,6 +99,12 @@ class BatchLoader:
         for b in range(start, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             images = self.x[idx]
-            if self.train:
+            if self.augmented:
                 images = augment(images, seeded_generator(_AUG_STREAM, self.seed, epoch, b))
-            yield images.float() * self._scale - self._shift, self.y[idx]
+            yield (images.float() * self._scale - self._shift).to(self.dtype), self.y[idx]
+
+    def with_seed(self, seed: int) -> BatchLoader:
+        """The same data and settings, with the batch order and augmentation drawn from `seed`."""
+        other = copy.copy(self)
+        other.seed = seed
+        return other

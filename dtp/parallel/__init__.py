@@ -2,7 +2,8 @@
 
     planning.py  which rank trains which part of which block (pure functions)
     costs.py     the start-up measurement the planner works from
-    layout.py    joining the group; the Layout value and the process groups it needs
+    placement.py which device and backend each rank of a node uses (pure functions)
+    layout.py    joining the group; the Topology and Layout values and the process groups they need
     protocol.py  the per-step leader/worker exchange, described once
     feedback.py  the leader's feedback phase and the worker loop
 """

@@ -16,6 +16,7 @@ from dtp.models import DTPNetwork
 from dtp.parallel.layout import MAIN_RANK, DistContext, Topology, all_reduce_flat
 from dtp.parallel.planning import Costs, split_rows
 from dtp.runtime import Runtime, synchronize
+from dtp.graphs import BlockLoop
 
 
 def time_feedback_iteration(network: DTPNetwork, settings: BlockSettings, shard: BlockShard, runtime: Runtime,
@@ -30,8 +31,10 @@ def time_feedback_iteration(network: DTPNetwork, settings: BlockSettings, shard:
     rows = shard.rows.stop - shard.rows.start
     x = torch.randn((rows, *network.block_input_shapes[settings.block]), device=runtime.device)
 
+    loop = BlockLoop(runtime.device, graphed=False)  # timed eagerly: a graph is captured only after warm-up
+
     def run(iterations: int) -> None:
-        train_block(copied, optimizer, x, 0, replace(settings, iterations=iterations, seed=0), runtime, shard)
+        train_block(copied, optimizer, x, 0, replace(settings, iterations=iterations, seed=0), runtime, shard, loop)
         synchronize(runtime.device)
 
     run(warmup)  # allocator and kernel selection

@@ -30,13 +30,16 @@ from dtp.parallel.protocol import (
     load_state_vector, receive, send, state_vector, step_exchange,
 )
 from dtp.runtime import Runtime, synchronize
+from dtp.graphs import BlockLoop
 
 
 def train_timed(network: DTPNetwork, optimizer: torch.optim.Optimizer, x: Tensor, step: int,
-                settings: BlockSettings, runtime: Runtime, shard: BlockShard) -> tuple[Tensor, float]:
+                settings: BlockSettings, runtime: Runtime, shard: BlockShard,
+                loops: dict[int, BlockLoop]) -> tuple[Tensor, float]:
     """Train this rank's part of a feedback block as the sequential trainer does; return its loss and seconds."""
     t0 = time.perf_counter()
-    loss = train_block(network, optimizer, x, step, settings, runtime, shard)
+    loop = loops.setdefault(settings.block, BlockLoop(runtime.device, runtime.cuda_graphs))
+    loss = train_block(network, optimizer, x, step, settings, runtime, shard, loop)
     synchronize(runtime.device)
     return loss, time.perf_counter() - t0
 
@@ -65,6 +68,7 @@ class DistributedFeedback:
     costs: Costs
     started: bool = False
     history: list[tuple[float, StepTiming]] = field(default_factory=list)
+    loops: dict[int, BlockLoop] = field(default_factory=dict)  # this rank's blocks', kept between steps
 
     def _outgoing(self, message: Message, worker: int, block_inputs: list[Tensor], batch_total: int) -> Tensor:
         i = message.block
@@ -95,7 +99,8 @@ class DistributedFeedback:
             x = block_inputs[i - 1][layout.local_rows(i, LEADER, batch_total)]
             shard = self.groups.shard(i, LEADER, batch_total)
             losses[i], block_s[i - 1] = train_timed(self.network, self.optimizers[i - 1], x, step,
-                                                    BlockSettings.from_config(self.cfg, i), self.runtime, shard)
+                                                    BlockSettings.from_config(self.cfg, i), self.runtime, shard,
+                                                    self.loops)
         wait0 = time.perf_counter()
         for work in pending:
             work.wait()
@@ -179,6 +184,7 @@ def run_worker(network: DTPNetwork, optimizers: list[torch.optim.Optimizer], cfg
     layout, device = groups.layout, runtime.device
     me, leader = layout.group_rank, layout.replica_leader
     sending: list = []
+    loops: dict[int, BlockLoop] = {}
     while True:
         t0 = time.perf_counter()
         for work in sending:  # the previous step's results reach the leader before it starts the next step
@@ -201,7 +207,8 @@ def run_worker(network: DTPNetwork, optimizers: list[torch.optim.Optimizer], cfg
                 load_state_vector(network, optimizers[i - 1], i, inbound[("state", i)])
             load_forward_vector(network, i, inbound[("forward", i)])
             loss, seconds = train_timed(network, optimizers[i - 1], inbound[("inputs", i)], header.step,
-                                        BlockSettings.from_config(cfg, i), runtime, groups.shard(i, me, header.batch))
+                                        BlockSettings.from_config(cfg, i), runtime, groups.shard(i, me, header.batch),
+                                        loops)
             if layout.plan.primary(i) == me:
                 outgoing[("state", i)] = state_vector(network, optimizers[i - 1], i)
                 outgoing[("result", i)] = torch.tensor([loss.item(), seconds], dtype=torch.float64, device=device)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from dtp.errors import UserError, report_error
 from dtp.hooks import BlockShard
+from dtp.parallel.placement import Placement, place_rank
 from dtp.parallel.planning import LEADER, FeedbackPlan, split_rows
 
 MAIN_RANK = 0  # global rank 0: reads the config and data, decides, logs and checkpoints
@@ -38,29 +39,50 @@ class DistContext:
         return self.rank == MAIN_RANK
 
 
-def init_distributed(timeout_s: float) -> DistContext:
-    """Join the torchrun group: NCCL and GPU LOCAL_RANK % device_count on CUDA, gloo on CPU."""
+def init_distributed(timeout_s: float, replicas: int = 1) -> DistContext:
+    """Join the torchrun group: NCCL with one GPU per rank on CUDA, gloo on CPU (placement.place_rank)."""
     if "RANK" not in os.environ:
         raise UserError("train_parallel.py must be started by torchrun, e.g. "
                         "torchrun --standalone --nproc_per_node=3 train_parallel.py --config configs/smoke.yaml")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
     # Keys are namespaced per torchrun restart: after an elastic restart the agent's store still holds
     # the previous attempt's gloo addresses, and reading those makes the new group fail to connect.
     timeout = timedelta(seconds=timeout_s)
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=rank == MAIN_RANK and not agent_store, timeout=timeout)
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"dtp/attempt_{attempt}", store), rank=rank,
-                            world_size=world, timeout=timeout, device_id=device if backend == "nccl" else None)
-    return DistContext(rank, world, local_rank, device, backend)
+    store = dist.PrefixStore(f"dtp/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    placement = agreed_placement(store, rank, world, partial(place_rank, local_rank, ranks_per_node, gpus, replicas))
+    device = torch.device(placement.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(placement.backend, store=store, rank=rank, world_size=world, timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)
+    return DistContext(rank, world, local_rank, device, placement.backend)
+
+
+def agreed_placement(store: dist.Store, rank: int, world: int, place: Callable[[], Placement]) -> Placement:
+    """This rank's placement, once every rank has placed itself; if any rank cannot, all stop with the
+    first refusal, which rank 0 prints before any other rank may exit (there is no process group yet)."""
+    try:
+        placement, refusal = place(), ""
+    except UserError as exc:
+        placement, refusal = None, str(exc)
+    store.set(f"placement/{rank}", refusal)
+    refusals = [r for r in (store.get(f"placement/{other}").decode() for other in range(world)) if r]
+    if not refusals:
+        return placement
+    error = UserError(refusals[0])
+    if rank == MAIN_RANK:
+        report_error(error)
+        store.set("placement/reported", "1")
+    else:
+        store.wait(["placement/reported"])
+        error.reported = True
+    raise error
 
 
 T = TypeVar("T")
@@ -195,6 +217,10 @@ class ReplicaGroup:
     @property
     def is_main(self) -> bool:
         return self.groups.layout.rank == MAIN_RANK
+
+    @property
+    def copies(self) -> int:
+        return self.groups.layout.replicas
 
     def rows(self, batch: int) -> slice:
         return self.groups.layout.replica_rows(batch)

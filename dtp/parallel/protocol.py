@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 
 from dtp.models import DTPNetwork
 from dtp.optim import state_tensors
@@ -143,5 +143,9 @@ def forward_vector(network: DTPNetwork, i: int) -> Tensor:
 
 
 def load_forward_vector(network: DTPNetwork, i: int, vec: Tensor) -> None:
+    """Block i's forward weights copied into the existing tensors, where a captured feedback loop reads them."""
+    offset = 0
     with torch.no_grad():
-        vector_to_parameters(vec, list(network.forward_blocks[i].parameters()))
+        for p in network.forward_blocks[i].parameters():
+            p.copy_(vec[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
