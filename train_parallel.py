@@ -20,7 +20,7 @@ import torch.distributed as dist
 from accelerate.utils import set_seed
 
 from dtp.algorithm import VARIANTS
-from dtp.cli import Run, build_network, build_parser, exit_on_user_error, load_data, resolve_run
+from dtp.cli import Run, add_parallel_flags, build_network, build_parser, exit_on_user_error, load_data, resolve_run
 from dtp.config import Config, to_yaml
 from dtp.data import DatasetSplits
 from dtp.errors import UserError, report_error
@@ -30,20 +30,14 @@ from dtp.models import DTPNetwork
 from dtp.parallel.costs import measure_feedback_costs
 from dtp.parallel.feedback import DistributedFeedback, run_worker
 from dtp.parallel.layout import MAIN_RANK, Layout, ProcessGroups, ReplicaGroup, decided_on_main_rank, init_distributed
-from dtp.parallel.planning import Costs, FeedbackPlan, check_layout, format_plan, parse_split, plan_feedback
+from dtp.parallel.planning import Costs, FeedbackPlan, check_layout, format_plan, plan_feedback
 from dtp.runtime import Runtime, autocast_for
 from dtp.trainer import FitResult, Trainer
 
 
 def parse_args() -> argparse.Namespace:
     parser = build_parser(__doc__.splitlines()[0])
-    parser.add_argument("--replicas", type=int, default=1,
-                        help="data-parallel copies of the layer-parallel group; WORLD_SIZE must be a multiple")
-    parser.add_argument("--split", type=parse_split, default="auto",
-                        help="split heavy feedback blocks' rows over several ranks: auto (by measured cost), none, "
-                             "or parts per block within a group, e.g. 2,1,1,1,1")
-    parser.add_argument("--timeout-s", type=float, default=1800.0,
-                        help="seconds a rank waits on a peer before the job fails (collective timeout)")
+    add_parallel_flags(parser)
     return parser.parse_args()
 
 

@@ -28,7 +28,7 @@ from dtp.config import CONFIG_DIR, Config, resolve
 from dtp.models import DTPNetwork
 from dtp.feedback import BlockSettings, make_feedback_optimizers, train_block, train_blocks
 from dtp.hooks import BlockShard
-from dtp.metrics import peak_rss_mib
+from dtp.metrics import format_memory, peak_memory_mib, peak_rss_mib
 from dtp.optim import build_forward_optimizer
 from dtp.parallel.costs import measure_feedback_costs, time_feedback_iteration
 from dtp.parallel.feedback import DistributedFeedback, run_worker
@@ -129,6 +129,8 @@ def time_sequential(cfg: Config, device: torch.device, steps: int, warmup: int, 
     (graphs are captured after dtp.graphs.EAGER_STEPS steps: give at least that many)."""
     graphed = variant in ("graphs", "graphs+streams")
     runtime = Runtime(device, autocast_for(device, "bf16" if bf16 else "no", cache_enabled=not graphed), graphed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     network = DTPNetwork(cfg.model, (3, 32, 32), 10, cfg.seed).to(device)
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
@@ -152,7 +154,9 @@ def time_sequential(cfg: Config, device: torch.device, steps: int, warmup: int, 
     sec = total / steps
     block_s = [b / steps for b in phase.block_s]
     return {"sec_per_step": sec, "ms_per_step": 1000 * sec, "images_per_s": cfg.batch_size / sec,
-            "block_feedback_s": block_s, "forward_update_s": sec - sum(block_s) if any(block_s) else None}
+            "block_feedback_s": block_s, "forward_update_s": sec - sum(block_s) if any(block_s) else None,
+            # RSS is the process's peak so far (a network timed after another includes it); CUDA's is this one's.
+            "memory": peak_memory_mib(device)}
 
 
 def parallel_worker(args: argparse.Namespace, cfg: Config) -> None:
@@ -171,6 +175,7 @@ def parallel_worker(args: argparse.Namespace, cfg: Config) -> None:
     groups = ProcessGroups(Layout(ctx.world_size, 1, ctx.rank, decided_on_main_rank(ctx, choose_plan)))
     if not ctx.is_main:
         run_worker(network, optimizers, cfg, runtime, groups)
+        print_rank_memory(ctx.rank, ctx.device)
         return
     forward_opt, _ = build_forward_optimizer(network, cfg.forward)
     phase = DistributedFeedback(network, optimizers, cfg, runtime, groups, costs)
@@ -184,7 +189,21 @@ def parallel_worker(args: argparse.Namespace, cfg: Config) -> None:
     par = phase.summary()["parallel"]
     par["peak_rss_mib_leader"] = peak_rss_mib()
     par["images_per_s"] = cfg.batch_size / par["sec_per_step"]
+    print_rank_memory(ctx.rank, ctx.device)
     print(json.dumps(par))
+
+
+RANK_MEMORY = "rank memory: "  # prefix of each rank's memory line on torchrun's shared stdout
+
+
+def print_rank_memory(rank: int, device: torch.device) -> None:
+    print(RANK_MEMORY + json.dumps({"rank": rank, **peak_memory_mib(device)}), flush=True)
+
+
+def memory_by_rank(stdout: str) -> dict[str, dict[str, float]]:
+    """Every rank's peak memory from the lines the ranks printed, in any order."""
+    lines = [json.loads(line[len(RANK_MEMORY):]) for line in stdout.splitlines() if line.startswith(RANK_MEMORY)]
+    return {str(m.pop("rank")): m for m in sorted(lines, key=lambda m: m["rank"])}
 
 
 def parse_args() -> argparse.Namespace:
@@ -221,10 +240,13 @@ def benchmark_parallel(args: argparse.Namespace, cfg: Config) -> dict:
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         sys.exit(out.stderr[-3000:])
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads([line for line in out.stdout.strip().splitlines() if line.startswith("{")][-1])
+    result["memory_by_rank"] = memory_by_rank(out.stdout)
     print(f"parallel P={args.parallel}: {result['sec_per_step']:.3f} s/step, {result['images_per_s']:.1f} img/s, "
           f"efficiency {result['efficiency']:.2f}, cost-model bound {result['speedup_bound']:.2f}x, "
           f"estimated speed-up {result['speedup_estimate']:.2f}x")
+    for rank, memory in result["memory_by_rank"].items():
+        print(f"rank {rank}: {format_memory(memory)}")
     if not args.no_baseline:
         torch.set_num_threads(args.threads)
         seq = time_sequential(cfg, torch.device(args.device), args.steps, args.warmup, "eager")
@@ -245,6 +267,7 @@ def benchmark_sequential(args: argparse.Namespace, cfg: Config) -> dict:
     print(f"ours:     {ours['sec_per_step']:.3f} s/step, {ours['images_per_s']:.1f} img/s, feedback per block "
           + ", ".join(f"{b:.3f}" for b in ours["block_feedback_s"])
           + f" s, forward/update {ours['forward_update_s']:.3f} s")
+    print(f"ours:     memory of its one rank: {format_memory(ours['memory'])}")
     if device.type == "cuda":
         result["variants"] = {f"{variant}{' bf16' if bf16 else ''}": time_sequential(
             cfg, device, args.steps, max(args.warmup, EAGER_STEPS + 1), variant, args.channels_last, bf16)

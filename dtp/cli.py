@@ -17,6 +17,7 @@ from dtp.drl_training import DirectFeedback
 from dtp.errors import UserError, report_error
 from dtp.feedback import LocalFeedback, make_feedback_optimizers
 from dtp.models import DTPNetwork
+from dtp.parallel.planning import parse_split
 from dtp.runtime import Runtime
 from dtp.trainer import Trainer
 
@@ -40,6 +41,17 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, value parsed as YAML, e.g. --set feedback.iterations=[25,35,40,60,25]")
     return p
+
+
+def add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    """The flags train_parallel.py adds to the shared ones."""
+    p.add_argument("--replicas", type=int, default=1,
+                   help="data-parallel copies of the layer-parallel group; WORLD_SIZE must be a multiple")
+    p.add_argument("--split", type=parse_split, default="auto",
+                   help="split heavy feedback blocks' rows over several ranks: auto (by measured cost), none, "
+                        "or parts per block within a group, e.g. 2,1,1,1,1")
+    p.add_argument("--timeout-s", type=float, default=1800.0,
+                   help="seconds a rank waits on a peer before the job fails (collective timeout)")
 
 
 @dataclass

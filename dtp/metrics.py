@@ -36,3 +36,19 @@ def topk_correct(logits: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)) -
 def peak_rss_mib() -> float:
     """This process's peak resident memory (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_mib(device: torch.device) -> dict[str, float]:
+    """This process's peak memory: resident (RSS) and, on a CUDA device, what tensors allocated there
+    (torch.cuda.max_memory_allocated), as the published benchmark reports them."""
+    memory = {"peak_rss_mib": peak_rss_mib()}
+    if device.type == "cuda":
+        memory["peak_cuda_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return memory
+
+
+def format_memory(memory: dict[str, float]) -> str:
+    text = f"peak RSS {memory['peak_rss_mib']:.0f} MiB"
+    if "peak_cuda_allocated_mib" in memory:
+        text += f", peak CUDA allocated {memory['peak_cuda_allocated_mib']:.0f} MiB"
+    return text

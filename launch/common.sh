@@ -7,11 +7,20 @@ CONFIG=${CONFIG:-configs/cifar10_dtp.yaml}     # passed as --config
 # torchrun restarts the whole group this many times when a rank dies; --resume auto continues
 # from the last checkpoint (elastic restart, tested on CPU in tests/test_parallel.py).
 MAX_RESTARTS=${MAX_RESTARTS:-3}
+# A job array from sweep.py --launcher slurm: task N runs line N + 1 of the file SWEEP_RUNS, its run
+# directory (OUT) and then its training flags, shell-quoted. A requeued task keeps its index, so its OUT.
+SWEEP_ARGS=()
+if [[ -n ${SWEEP_RUNS-} ]]; then
+    eval "SWEEP_ARGS=($(sed -n "$(( ${SLURM_ARRAY_TASK_ID:-0} + 1 ))p" "$SWEEP_RUNS"))"
+    (( ${#SWEEP_ARGS[@]} )) || { echo "launch: no line for task ${SLURM_ARRAY_TASK_ID:-0} in $SWEEP_RUNS" >&2; exit 2; }
+    OUT=${SWEEP_ARGS[0]} SWEEP_ARGS=("${SWEEP_ARGS[@]:1}")
+fi
 OUT=${OUT:-runs/${SLURM_JOB_NAME:-local}-${SLURM_JOB_ID:-$(date +%Y%m%d-%H%M%S)}}  # run directory
 
 # Flags every launch passes. --resume auto continues from $OUT/checkpoint.pt when it exists,
 # which is what makes a requeued job pick up where it stopped. Extra flags go after these.
-TRAIN_ARGS=(--config "$CONFIG" --data-dir "$DATA_DIR" --out "$OUT" --resume auto)
+# A sweep's flags follow (its --config and --data-dir win over these), and flags after the script name last.
+TRAIN_ARGS=(--config "$CONFIG" --data-dir "$DATA_DIR" --out "$OUT" --resume auto "${SWEEP_ARGS[@]}")
 
 # NCCL (GPU communication). Warnings only; use INFO when chasing a hang.
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}

@@ -84,6 +84,14 @@ def test_a_dataset_without_its_own_config_starts_from_the_reference_one():
     assert cfg.forward.lr == 1e-3  # configs/cifar10_tp.yaml's, not the code's default
 
 
+def test_shapes_has_vanilla_dtp_and_tp_configs_the_default_lookup_finds():
+    shapes = config_lib.resolve(str(config_lib.CONFIG_DIR / "shapes.yaml"), {}, [])
+    for algorithm in ("vanilla_dtp", "tp"):
+        cfg = config_lib.resolve(None, {"dataset": "shapes", "algorithm": algorithm}, [])
+        assert cfg.algorithm == algorithm and cfg.model == shapes.model and cfg.epochs == shapes.epochs
+        assert cfg.feedback.lr == tuple(lr / 100 for lr in shapes.feedback.lr) and cfg.forward.lr == 1e-3
+
+
 def test_the_cuda_graphs_switch_is_off_by_default_and_on_only_where_cuda_is():
     from dtp.graphs import graphs_enabled
 
