@@ -89,7 +89,11 @@ def test_shapes_has_vanilla_dtp_and_tp_configs_the_default_lookup_finds():
     for algorithm in ("vanilla_dtp", "tp"):
         cfg = config_lib.resolve(None, {"dataset": "shapes", "algorithm": algorithm}, [])
         assert cfg.algorithm == algorithm and cfg.model == shapes.model and cfg.epochs == shapes.epochs
-        assert cfg.feedback.lr == tuple(lr / 100 for lr in shapes.feedback.lr) and cfg.forward.lr == 1e-3
+        assert cfg.forward.lr == 1e-3
+    vanilla = config_lib.resolve(None, {"dataset": "shapes", "algorithm": "vanilla_dtp"}, [])
+    tp = config_lib.resolve(None, {"dataset": "shapes", "algorithm": "tp"}, [])
+    assert vanilla.feedback.optimizer == "adam" and vanilla.feedback.lr == (1e-4, 1e-4, 1e-4)
+    assert tp.feedback.optimizer == "sgd" and tp.feedback.lr == tuple(lr / 100 for lr in shapes.feedback.lr)
 
 
 def test_the_cuda_graphs_switch_is_off_by_default_and_on_only_where_cuda_is():
