@@ -8,7 +8,7 @@ p-DDTP: the Q's learn only alongside the forward weights, `feedback.iterations` 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -18,7 +18,7 @@ from dtp.config import Config
 from dtp.data import BatchLoader
 from dtp.drl import FEEDBACK_ONLY_STEP, TRAINING_STEP, drl_noise_generator, train_feedback_map
 from dtp.errors import TrainingError
-from dtp.feedback import FeedbackPhase
+from dtp.feedback import FeedbackPhase, TrainsInThisProcess
 from dtp.models import DTPNetwork
 from dtp.runtime import Runtime
 from dtp.seeding import derive_seed
@@ -29,7 +29,7 @@ LossReport = Callable[[int, list[float]], None]  # (feedback-only batches so far
 
 
 @dataclass
-class DirectFeedback:
+class DirectFeedback(TrainsInThisProcess):
     """Trains every Q_i in this process, each with its own optimiser. All have the same settings and every
     step updates each Q_i once (one step per batch in s-DDTP), so this is one Adam step over all the Q's
     together: Adam and its weight decay act on each weight alone."""
@@ -59,18 +59,6 @@ class DirectFeedback:
             losses.append(train_feedback_map(q, optimizer, blocks, i, hidden[i], h_out, fb.iterations[i], fb.noise[i],
                                              generator, self.runtime.autocast))
         return losses
-
-    def describe(self) -> dict[str, Any]:
-        return {}
-
-    def step_figures(self) -> dict[str, float]:
-        return {}
-
-    def summary(self) -> dict[str, Any]:
-        return {}
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass

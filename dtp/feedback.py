@@ -133,8 +133,25 @@ def train_blocks(
     return {i: go() for i, go in runs.items()}
 
 
+class TrainsInThisProcess:
+    """What a feedback phase that trains every block in this process reports: nothing of its own (no
+    workers, no timing beyond the step's), and nothing to release."""
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def step_figures(self) -> dict[str, float]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
-class LocalFeedback:
+class LocalFeedback(TrainsInThisProcess):
     """Trains every feedback block in this process; `order` exists to show that order does not matter."""
 
     network: DTPNetwork
@@ -150,15 +167,3 @@ class LocalFeedback:
         losses = train_blocks(self.network, self.optimizers, self.cfg, order, block_inputs, step, self.runtime,
                               batch_total, self.loops, self.streams)
         return [losses[i] for i in sorted(losses)]
-
-    def describe(self) -> dict[str, Any]:
-        return {}
-
-    def step_figures(self) -> dict[str, float]:
-        return {}
-
-    def summary(self) -> dict[str, Any]:
-        return {}
-
-    def close(self) -> None:
-        pass
