@@ -167,7 +167,8 @@ def train_feedback_block(
         dx, dy = noise.draw(samples, x, y, sigma)
         with autocast():
             loss = loss_fn(forward_block, feedback_block, x, y, indices, dx, dy, batch_total)
-        optimizer.zero_grad(set_to_none=False)  # gradients stay in place, as a captured graph needs
+        # Freed, not zeroed: backward then writes fresh gradients (inside a captured graph, from its pool).
+        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if all_reduce is not None:
             all_reduce([p.grad for p in params if p.grad is not None])
