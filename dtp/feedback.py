@@ -123,7 +123,9 @@ def train_blocks(
     def run(i: int) -> Callable[[], Tensor]:
         x = block_inputs[i - 1]
         shard = BlockShard(slice(0, x.shape[0]), batch_total=batch_total)
-        loop = loops.setdefault(i, BlockLoop(runtime.device, runtime.cuda_graphs))
+        if i not in loops:  # built once per run, not on every step
+            loops[i] = BlockLoop(runtime.device, runtime.cuda_graphs)
+        loop = loops[i]
         return lambda: train_block(network, optimizers[i - 1], x, step, BlockSettings.from_config(cfg, i), runtime,
                                    shard, loop)
 

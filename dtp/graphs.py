@@ -95,7 +95,9 @@ def on_streams(device: torch.device, runs: dict[int, Callable[[], Tensor]],
     caller = torch.cuda.current_stream(device)
     losses = {}
     for i, run in runs.items():
-        stream = streams.setdefault(i, torch.cuda.Stream(device))
+        if i not in streams:  # created once per run, not on every step
+            streams[i] = torch.cuda.Stream(device)
+        stream = streams[i]
         stream.wait_stream(caller)
         with torch.cuda.stream(stream):
             losses[i] = run()

@@ -37,7 +37,9 @@ def train_timed(network: DTPNetwork, optimizer: torch.optim.Optimizer, x: Tensor
                 loops: dict[int, BlockLoop]) -> tuple[Tensor, float]:
     """Train this rank's part of a feedback block as the sequential trainer does; return its loss and seconds."""
     t0 = time.perf_counter()
-    loop = loops.setdefault(settings.block, BlockLoop(runtime.device, runtime.cuda_graphs))
+    if settings.block not in loops:  # built once per run, not on every step
+        loops[settings.block] = BlockLoop(runtime.device, runtime.cuda_graphs)
+    loop = loops[settings.block]
     loss = train_block(network, optimizer, x, step, settings, runtime, shard, loop)
     synchronize(runtime.device)
     return loss, time.perf_counter() - t0
