@@ -190,14 +190,21 @@ def parallel_worker(args: argparse.Namespace, cfg: Config) -> None:
     par["peak_rss_mib_leader"] = peak_rss_mib()
     par["images_per_s"] = cfg.batch_size / par["sec_per_step"]
     print_rank_memory(ctx.rank, ctx.device)
-    print(json.dumps(par))
+    print_line(json.dumps(par))
 
 
 RANK_MEMORY = "rank memory: "  # prefix of each rank's memory line on torchrun's shared stdout
 
 
+def print_line(text: str) -> None:
+    """One write per line: the ranks share stdout, and print() may write a line's text and its newline
+    separately (unbuffered under torchrun), letting another rank's line land in between."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def print_rank_memory(rank: int, device: torch.device) -> None:
-    print(RANK_MEMORY + json.dumps({"rank": rank, **peak_memory_mib(device)}), flush=True)
+    print_line(RANK_MEMORY + json.dumps({"rank": rank, **peak_memory_mib(device)}))
 
 
 def memory_by_rank(stdout: str) -> dict[str, dict[str, float]]:
