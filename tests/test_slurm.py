@@ -58,9 +58,11 @@ def wait_until(condition, what: str, timeout: float = WAIT_S):
 
 @dataclass
 class Cluster:
-    """Client side of the private cluster: its commands read SLURM_CONF from `env`."""
+    """Client side of the private cluster: its commands read SLURM_CONF from `env`; the daemons write
+    their logs in `folder`."""
 
     env: dict[str, str]
+    folder: Path
 
     def run(self, *cmd: str, cwd: Path = ROOT, extra: dict[str, str] | None = None) -> str:
         proc = subprocess.run(cmd, cwd=cwd, env={**self.env, **(extra or {})}, capture_output=True, text=True,
@@ -150,7 +152,7 @@ def cluster(tmp_path_factory):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k not in LAUNCH_VARIABLES}
     env.update(PATH=SEARCH_PATH, SLURM_CONF=str(folder / "slurm.conf"), TQDM_DISABLE="1")
-    client = Cluster(env)
+    client = Cluster(env, folder)
     daemons = []
     try:
         daemons = start_daemons(folder, munge, env)
@@ -186,6 +188,17 @@ class Job:
 
     def lines(self) -> list[str]:
         return self.log.read_text().splitlines() if self.log.exists() else []
+
+    def story(self) -> str:
+        """The job's log and what slurmctld and slurmd logged about it: enough to tell why a job failed
+        after the temporary folders are gone (a job that fails before its script prints leaves only those)."""
+        own = re.compile(rf"(JobId={self.id}\b|job_?id[ =:]?{self.id}\b|job {self.id}\b|\[{self.id}\.)", re.I)
+        parts = [f"scontrol: {self.info()}", f"{self.log.name}:", *self.lines()[-40:]]
+        for name in ("slurmctld.log", "slurmd.log"):
+            path = self.cluster.folder / name
+            lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+            parts += [f"{name} on job {self.id}:", *[line for line in lines if own.search(line)][-60:]]
+        return "\n".join(parts)
 
 
 def submit(cluster: Cluster, script: str, folder: Path, name: str, *sbatch: str, cwd: Path = ROOT,
@@ -251,7 +264,7 @@ def jobs(cluster, tiny_npz, tmp_path_factory) -> Jobs:
 
 
 def assert_completed(job: Job) -> None:
-    assert job.outcome() == ("COMPLETED", "0:0"), "\n".join(job.lines()[-40:])
+    assert job.outcome() == ("COMPLETED", "0:0"), job.story()
 
 
 def assert_same_weights(job: Job, reference: Job) -> None:
