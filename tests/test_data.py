@@ -442,15 +442,24 @@ def test_shapes_classes_differ_on_average(small_shapes: tuple[np.ndarray, ...]) 
     assert distances[~np.eye(10, dtype=bool)].min() > 5
 
 
-def test_load_shapes_ignores_data_dir() -> None:
+def test_load_shapes_ignores_data_dir(monkeypatch) -> None:
+    made = []  # what the loader generated (make_shapes is deterministic: tested above), so it is drawn once
+
+    def recorded(*args, **kwargs):
+        made.append((args, kwargs, make_shapes(*args, **kwargs)))
+        return made[-1][2]
+
+    monkeypatch.setattr(data.shapes, "make_shapes", recorded)
     splits = load_dataset("shapes", "/nonexistent", seed=3)
     assert isinstance(splits, DatasetSplits)
     assert splits.train_x.shape == (10000, 3, 32, 32) and splits.train_x.is_contiguous()
     assert splits.test_x.shape == (2000, 3, 32, 32)
     assert splits.num_classes == 10
     assert splits.mean.shape == (3,) and splits.std.shape == (3,)
-    x_train, y_train, _, _ = make_shapes(3)
+    [(args, kwargs, (x_train, y_train, x_test, _))] = made
+    assert args == (3,) and not kwargs  # the seed, and the default sizes
     assert torch.equal(splits.train_x[5], torch.from_numpy(x_train[5]).permute(2, 0, 1))
+    assert torch.equal(splits.test_x[7], torch.from_numpy(x_test[7]).permute(2, 0, 1))
     assert torch.equal(splits.train_y, torch.from_numpy(y_train))
 
 

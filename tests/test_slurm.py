@@ -218,8 +218,10 @@ def submit(cluster: Cluster, script: str, folder: Path, name: str, *sbatch: str,
 
 def signal_mid_run_then_restart(job: Job, beside: Job) -> str:
     """SIGUSR1 to the batch script once the first checkpoint exists, as --signal=B:USR1@120 sends it
-    before a time limit; once requeued, the job is let start now rather than after Slurm's usual
-    two-minute hold. Returns the state of the `beside` job at the time of the signal."""
+    before a time limit; once requeued, the job is let start in 2 s rather than after Slurm's usual
+    two-minute hold. Not at once: slurmd refuses a launch credential made in the same second as the
+    requeue revoked the old one (it compares whole seconds), and the job then fails without a line of
+    output. Returns the state of the `beside` job at the time of the signal."""
     wait_until(lambda: (job.out / "checkpoint.pt").exists() or job.ended(), "the first checkpoint")
     beside_state = beside.info()["JobState"]
     if job.ended():  # it failed; its test says how
@@ -227,7 +229,7 @@ def signal_mid_run_then_restart(job: Job, beside: Job) -> str:
     job.cluster.run("scancel", "--signal=USR1", "--batch", str(job.id))
     wait_until(lambda: job.ended() or job.requeued(), "the requeue")
     if not job.ended():
-        job.cluster.run("scontrol", "update", f"JobId={job.id}", "StartTime=now")
+        job.cluster.run("scontrol", "update", f"JobId={job.id}", "StartTime=now+2")
     return beside_state
 
 
