@@ -19,12 +19,19 @@ def page_faults_of(churn) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
+def c_library_has_mallopt() -> bool:
+    try:
+        return hasattr(ctypes.CDLL(None), "mallopt")
+    except (OSError, TypeError):  # no process-wide symbol table (Windows)
+        return False
+
+
 def allocate_and_free_ten_times() -> None:
     for _ in range(10):
         torch.empty(BLOCK, dtype=torch.uint8).fill_(1)
 
 
-@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallopt"), reason="the C library is not glibc (no mallopt)")
+@pytest.mark.skipif(not c_library_has_mallopt(), reason="the C library is not glibc (no mallopt)")
 def test_a_cpu_runtime_reuses_freed_blocks_instead_of_faulting_in_fresh_pages():
     Runtime(torch.device("cpu"))
     allocate_and_free_ten_times()  # the heap grows to the block's size once
