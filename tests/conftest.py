@@ -1,5 +1,8 @@
 """Shared helpers: run the scripts (in subprocesses, as ranks forked from a server that has imported torch,
-or their main in this process) and compare the checkpoints they write."""
+or their main in this process) and compare the checkpoints they write.
+
+This file imports torch, numpy and dtp only inside the helpers that use them: pytest-xdist's controller
+loads it before it starts the workers, and torch's import there would add ~4 s to every run."""
 from __future__ import annotations
 
 import multiprocessing
@@ -15,24 +18,34 @@ from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+from typing import TYPE_CHECKING
 
-from dtp.config import ModelConfig
-from dtp.data import make_shapes
+import pytest
+
 from forked_rank import run_rank
+
+if TYPE_CHECKING:
+    import torch
+
+    from dtp.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
+
 def model_config(arch: str, channels: list[int], activation: str, hidden: int = 512) -> ModelConfig:
+    from dtp.config import ModelConfig
+
     return ModelConfig(arch, tuple(channels), activation, hidden)
 
 
-# In-process tests compute on one thread, as the scripts the tests start do: tiny convolutions run no
-# faster on more, and a loaded machine makes them far slower.
-torch.set_num_threads(1)
+@pytest.fixture(autouse=True, scope="session")
+def one_thread() -> None:
+    """In-process tests compute on one thread, as the scripts the tests start do: tiny convolutions run no
+    faster on more, and a loaded machine makes them far slower."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +58,26 @@ def in_process_unless_marked_slow(request, monkeypatch):
         monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
         monkeypatch.setattr(BaseProcess, "start", refuse)
         monkeypatch.setattr(multiprocessing.forkserver, "ensure_running", refuse)
+
+
+# Test files whose tests share a module fixture that must not be built twice at once: test_slurm.py's one
+# private cluster (two would number their jobs alike, and the multi-node file derives its port from the job ID).
+RUN_TOGETHER = ("tests/test_slurm.py",)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs two pytest-xdist workers: every test is its own unit of work, handed to whichever
+    worker is free, except the files in RUN_TOGETHER, which go to one worker whole (and, as the largest
+    unit, first). xdist's own --dist loadgroup cannot do this under pytest 9: it marks a group by
+    rewriting a test's node ID, which pytest 9 no longer reads."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneByOneExceptSharedFixtures(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if path in RUN_TOGETHER else nodeid
+
+    return OneByOneExceptSharedFixtures(config, log)
 
 
 def train_in_process(monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
@@ -190,6 +223,8 @@ def assert_ok(proc: subprocess.CompletedProcess) -> None:
 
 
 def load(run_dir: Path) -> dict:
+    import torch
+
     return torch.load(Path(run_dir) / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
@@ -235,6 +270,10 @@ def feedback_optimizer_state(ckpt: dict) -> list[torch.Tensor]:
 
 def shapes_npz(folder: Path, **sizes: int) -> Path:
     """The `shapes` images of seed 0 (make_shapes' n_train, n_test) written in the npz format."""
+    import numpy as np
+
+    from dtp.data import make_shapes
+
     x_train, y_train, x_test, y_test = make_shapes(0, **sizes)
     path = folder / "shapes.npz"
     np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)

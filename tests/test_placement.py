@@ -44,24 +44,24 @@ def test_the_refusal_names_the_problem_and_the_fix():
         place_rank(0, 4, 2, replicas=3)
 
 
-# Every rank sees 2 CUDA devices: placement runs as on a GPU node, and refuses before NCCL is touched.
-TWO_FAKE_GPUS = """
+# Every rank sees one CUDA device: placement runs as on a GPU node, and refuses before NCCL is touched.
+ONE_FAKE_GPU = """
 import torch
 torch.cuda.is_available = lambda: True
-torch.cuda.device_count = lambda: 2
+torch.cuda.device_count = lambda: 1
 """
 
 
 @pytest.mark.slow
-def test_three_ranks_on_two_gpus_stop_before_training_with_one_error_line(tmp_path, tiny_npz):
-    (tmp_path / "sitecustomize.py").write_text(TWO_FAKE_GPUS)
+def test_two_ranks_on_one_gpu_stop_before_training_with_one_error_line(tmp_path, tiny_npz):
+    (tmp_path / "sitecustomize.py").write_text(ONE_FAKE_GPU)
     env = {**script_env(1), "PYTHONPATH": f"{tmp_path}:{ROOT}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "train_parallel.py"), "--config", SMOKE, "--dataset", "npz", "--data-dir", str(tiny_npz),
            "--out", str(tmp_path / "r")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert error_lines(proc.stderr) == [
-        "error: 3 ranks on a node with 2 GPU(s) would share GPUs, and NCCL serves one process per GPU; start "
-        "--nproc_per_node=2 (a rank trains several feedback blocks on its GPU)"], proc.stderr[-3000:]
+        "error: 2 ranks on a node with 1 GPU(s) would share GPUs, and NCCL serves one process per GPU; start "
+        "--nproc_per_node=1 (a rank trains several feedback blocks on its GPU)"], proc.stderr[-3000:]
     assert "NCCL error" not in proc.stderr and not (tmp_path / "r").exists()
