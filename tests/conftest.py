@@ -17,7 +17,6 @@ import time
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import pytest

@@ -231,8 +231,8 @@ def cosine_lr(epoch: int, lr: float, t_max: int, eta_min: float) -> float:
 def test_forward_schedules_step_per_epoch(tmp_path, monkeypatch, capsys, tiny_npz):
     """cosine (T_max, eta_min), step (step_size, gamma) and none; the lr is logged before each epoch's steps.
     BP, as every algorithm's Trainer builds the same forward optimiser and schedule, and BP's step is cheapest."""
-    common = ["--config", SMOKE, "--algorithm", "bp", "--dataset", "npz", "--data-dir", str(tiny_npz), "--epochs", "3",
-              "--set", "forward.lr=0.04", "--set", "forward.step_size=2", "--set", "forward.gamma=0.5",
+    common = ["--config", SMOKE, "--algorithm", "bp", "--dataset", "npz", "--data-dir", str(tiny_npz),
+              "--epochs", "3", "--set", "forward.lr=0.04", "--set", "forward.step_size=2", "--set", "forward.gamma=0.5",
               "--set", "forward.t_max=4", "--set", "forward.eta_min=0.001"]
     # lr during epochs 0, 1, 2, and after the third epoch's step of the schedule
     expected = {
@@ -264,8 +264,8 @@ def test_early_stopping_ends_the_run_and_resumes_with_its_count(tmp_path, monkey
     """A forward lr of 1e-12 leaves val top-1 where it is: the best is the first evaluation, and with
     patience 2 the run stops after the third epoch, also across a resume after the first. BP: the stopping
     rule is the Trainer's, the same for every algorithm."""
-    common = ["--config", SMOKE, "--algorithm", "bp", "--dataset", "npz", "--data-dir", str(tiny_npz), "--set", "forward.lr=1.0e-12",
-              "--set", "early_stopping.patience=2"]
+    common = ["--config", SMOKE, "--algorithm", "bp", "--dataset", "npz", "--data-dir", str(tiny_npz),
+              "--set", "forward.lr=1.0e-12", "--set", "early_stopping.patience=2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     proc = script_in_process(monkeypatch, capsys, "train_sequential.py", *common, "--epochs", "10",
                              "--out", str(straight))
